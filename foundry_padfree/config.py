@@ -1,0 +1,68 @@
+"""Configuration of the padding-free Llama model.
+
+`PadFreeLlamaConfig` is a `LlamaConfig` with the few fields the padding-free path adds. Every
+architecture field keeps its HF name and meaning, so a stock Llama `config.json` loads into it
+unchanged, and `to_llama_config()` gives back the stock config that `save_pretrained` writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import LlamaConfig
+
+ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "sdpa")
+
+# Fields that exist only on our config; they are dropped when exporting a stock Llama config.
+PADFREE_FIELDS = ("attn_backend", "loss_chunk_size")
+
+
+class PadFreeLlamaConfig(LlamaConfig):
+    """A `LlamaConfig` plus the options of the padding-free path.
+
+    Args:
+        attn_backend: which varlen attention kernel every layer calls. `auto` picks, once, the best
+            one available: `flash_attn` (flash-attn installed, CUDA), `torch_varlen` (torch >= 2.10,
+            CUDA), `flex` (CUDA; the choice on torch 2.7 without flash-attn), else `sdpa`, the
+            per-document pure-PyTorch reference that also runs on CPU.
+        loss_chunk_size: tokens per chunk of the fused head + cross-entropy. The loss never holds
+            more than `loss_chunk_size x vocab_size` logits at once, so peak memory does not grow
+            with the vocabulary times the token count (128k vocab x 32k tokens is 16 GiB in fp32).
+        **kwargs: every `LlamaConfig` field, with its HF meaning.
+    """
+
+    model_type = "padfree_llama"
+
+    def __init__(self, attn_backend: str = "auto", loss_chunk_size: int = 4096, **kwargs: Any):
+        self.attn_backend = attn_backend
+        self.loss_chunk_size = loss_chunk_size
+        super().__init__(**kwargs)
+        self.validate_padfree()
+
+    def validate_padfree(self) -> None:
+        """Raise `ValueError` naming the field, its value and the fix for an invalid setting."""
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(
+                f"attn_backend={self.attn_backend!r} is not a known backend; "
+                f"use one of {', '.join(ATTN_BACKENDS)}."
+            )
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size!r} must be a positive int.")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})."
+            )
+
+    @classmethod
+    def from_llama_config(cls, config: LlamaConfig, **padfree: Any) -> PadFreeLlamaConfig:
+        """Our config with every field of a stock `LlamaConfig` and the given padding-free options."""
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        fields.update(padfree)
+        return cls(**fields)
+
+    def to_llama_config(self) -> LlamaConfig:
+        """The stock `LlamaConfig` this model is a drop-in for (what `save_pretrained` writes)."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in PADFREE_FIELDS + ("model_type",)}
+        fields["architectures"] = ["LlamaForCausalLM"]
+        return LlamaConfig(**fields)

@@ -1,0 +1,341 @@
+"""A Llama causal LM that unpads once, at the embedding, and never pads again until the output.
+
+Shape legend: B batch rows, S row length, T real tokens, D hidden size, N query heads,
+K key/value heads, H head dim, F MLP width, V vocabulary.
+
+The whole data path is `PadFreeLlamaForCausalLM.forward`: `unpad` builds one `VarlenMeta`, the
+decoder runs on the `[T,D]` real tokens with that same object in every layer, and the loss is taken
+on packed tokens. Weight names are HF Llama's, so stock checkpoints load and what we save is a
+stock checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
+
+from foundry_padfree.attention import Backend, resolve_backend
+from foundry_padfree.config import PadFreeLlamaConfig
+from foundry_padfree.loss import linear_cross_entropy
+from foundry_padfree.varlen import VarlenMeta, unpad
+
+# RoPE variants whose frequencies do not depend on the batch (dynamic ones rescale with the longest
+# sequence seen, which a packed batch of many documents does not define).
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class PadFreeRMSNorm(nn.Module):
+    """LlamaRMSNorm, bit for bit: normalize in fp32, cast back, then scale."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        dtype = x_TD.dtype
+        x_TD = x_TD.float()
+        x_TD = x_TD * torch.rsqrt(x_TD.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x_TD.to(dtype)
+
+
+class PadFreeRotary(nn.Module):
+    """RoPE tables for per-document positions: `(cos_TH, sin_TH)` once per forward."""
+
+    def __init__(self, config: PadFreeLlamaConfig):
+        super().__init__()
+        rope_type = "default"
+        if config.rope_scaling:
+            rope_type = config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
+        if rope_type not in _STATIC_ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling type {rope_type!r} is not supported by the padding-free model; "
+                f"supported: {', '.join(_STATIC_ROPE_TYPES)}."
+            )
+        if rope_type == "default":
+            head_dim = _head_dim(config)
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+            inv_freq, self.attention_scaling = 1.0 / (config.rope_theta**exponents), 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids_T: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        with torch.autocast(device_type=position_ids_T.device.type, enabled=False):
+            freqs_TH2 = position_ids_T.float()[:, None] * self.inv_freq.float()[None, :]
+            emb_TH = torch.cat((freqs_TH2, freqs_TH2), dim=-1)
+            cos_TH = emb_TH.cos() * self.attention_scaling
+            sin_TH = emb_TH.sin() * self.attention_scaling
+        return cos_TH.to(dtype), sin_TH.to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(x_TNH: Tensor, cos_TH: Tensor, sin_TH: Tensor) -> Tensor:
+    return x_TNH * cos_TH[:, None] + _rotate_half(x_TNH) * sin_TH[:, None]
+
+
+def _head_dim(config: PadFreeLlamaConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class PadFreeAttention(nn.Module):
+    def __init__(self, config: PadFreeLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = _head_dim(config)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        bias = config.attention_bias
+        D, H = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(D, self.num_heads * H, bias=bias)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * H, bias=bias)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * H, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * H, D, bias=bias)
+
+    def forward(self, x_TD: Tensor, meta: VarlenMeta, rope: tuple[Tensor, Tensor], backend: Backend) -> Tensor:
+        T = x_TD.shape[0]
+        q_TNH = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
+        k_TKH = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        v_TKH = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        q_TNH, k_TKH = _apply_rope(q_TNH, *rope), _apply_rope(k_TKH, *rope)
+        o_TNH = backend.attend(q_TNH, k_TKH, v_TKH, meta, self.scaling)
+        return self.o_proj(o_TNH.reshape(T, self.num_heads * self.head_dim))
+
+
+class PadFreeMLP(nn.Module):
+    def __init__(self, config: PadFreeLlamaConfig):
+        super().__init__()
+        D, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, F_, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(D, F_, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(F_, D, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+
+
+class PadFreeDecoderLayer(nn.Module):
+    def __init__(self, config: PadFreeLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = PadFreeAttention(config, layer_idx)
+        self.mlp = PadFreeMLP(config)
+        self.input_layernorm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x_TD: Tensor, meta: VarlenMeta, rope: tuple[Tensor, Tensor], backend: Backend) -> Tensor:
+        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), meta, rope, backend)
+        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+
+
+class PadFreePreTrainedModel(PreTrainedModel):
+    config_class = PadFreeLlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PadFreeDecoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, PadFreeRMSNorm):
+            # Needed under meta init: FSDP's param_init_fn knows only HF's own norm classes.
+            module.weight.data.fill_(1.0)
+        elif isinstance(module, PadFreeRotary):
+            module.inv_freq = PadFreeRotary(self.config).inv_freq.to(module.inv_freq.device)
+
+
+class PadFreeLlamaModel(PadFreePreTrainedModel):
+    """The decoder: embedding, layers, final norm; runs on real tokens `[T,D]` only."""
+
+    def __init__(self, config: PadFreeLlamaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(PadFreeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = PadFreeRotary(config)
+        self.gradient_checkpointing = False
+        self._backends: dict[tuple[str, str], Backend] = {}
+        self.post_init()
+
+    def attention_backend(self, device: torch.device) -> Backend:
+        """The kernel named by `config.attn_backend` for `device`, chosen once and cached."""
+        key = (self.config.attn_backend, device.type)
+        if key not in self._backends:
+            self._backends[key] = resolve_backend(self.config.attn_backend, device)
+        return self._backends[key]
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward_tokens(self, input_ids_T: Tensor, meta: VarlenMeta) -> Tensor:
+        """Run the decoder on packed tokens: (T,) int64 ids -> (T, D) final hidden states."""
+        backend = self.attention_backend(input_ids_T.device)
+        meta = backend.prepare(meta)  # once per forward; every layer gets this same object
+        x_TD = self.embed_tokens(input_ids_T)
+        rope = self.rotary_emb(meta.position_ids_T, x_TD.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x_TD = self._gradient_checkpointing_func(layer.__call__, x_TD, meta, rope, backend)
+            else:
+                x_TD = layer(x_TD, meta, rope, backend)
+        return self.norm(x_TD)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        sequence_id: Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple[Tensor]:
+        """HF `LlamaModel` interface: `[B,S]` in, `[B,S,D]` last hidden state out (zeros at padding)."""
+        with torch.no_grad():
+            batch = unpad(input_ids, attention_mask, sequence_id, position_ids, None, self.config.max_position_embeddings)
+        hidden_BSD = batch.meta.pad(self.forward_tokens(batch.input_ids_T, batch.meta))
+        if return_dict is False:
+            return (hidden_BSD,)
+        return BaseModelOutput(last_hidden_state=hidden_BSD)
+
+
+@dataclass
+class PadFreeCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the number of tokens the loss was taken over."""
+
+    num_loss_tokens: Tensor | None = None
+
+
+class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
+    """Drop-in for `LlamaForCausalLM` that runs only real tokens through the network."""
+
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config: PadFreeLlamaConfig):
+        super().__init__(config)
+        self.model = PadFreeLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_config(cls, config: Any, **kwargs: Any) -> PadFreeLlamaForCausalLM:
+        """Build with fresh weights from a `PadFreeLlamaConfig` or a stock `LlamaConfig`."""
+        if not isinstance(config, PadFreeLlamaConfig):
+            config = PadFreeLlamaConfig.from_llama_config(config)
+        kwargs.pop("trust_remote_code", None)
+        return cls._from_config(config, **kwargs)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        sequence_id: Tensor | None = None,
+        labels: Tensor | None = None,
+        return_logits: bool | None = None,
+        loss_reduction: str = "mean",
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **unsupported: Any,
+    ) -> PadFreeCausalLMOutput:
+        """Causal LM forward over `[B,S]` rows: HF padding, or packed documents.
+
+        Args:
+            input_ids: (B, S), int64.
+            attention_mask: (B, S), 1 on real tokens (HF, left or right padding).
+            position_ids: (B, S), int64; restart at 0 per document for packed rows (HF padding-free).
+            sequence_id: (B, S), int64; document index per row, -1 on padding (LLM-Foundry).
+            labels: (B, S), int64, unshifted as in HF; -100 where there is no target. The model
+                shifts them within each document: no token is trained on the next document.
+            return_logits: `[B,S,V]` logits in the output. Default: yes, except when training with
+                labels, where the loss is computed chunk by chunk on real tokens and padded logits
+                are never built.
+            loss_reduction: `mean` over supervised tokens (HF's loss) or `sum`; the count is in
+                `num_loss_tokens` either way, for token-weighted gradient accumulation.
+        """
+        if unsupported.get("inputs_embeds") is not None or unsupported.get("output_attentions"):
+            raise ValueError("inputs_embeds and output_attentions are not supported; pass input_ids.")
+        if past_key_values is not None:
+            raise ValueError("past_key_values are not supported: the model recomputes the prefix (use_cache=False).")
+
+        with torch.no_grad():  # unpad once, before the embedding
+            batch = unpad(input_ids, attention_mask, sequence_id, position_ids, labels, self.config.max_position_embeddings)
+        x_TD = self.model.forward_tokens(batch.input_ids_T, batch.meta)
+
+        loss = num_loss_tokens = None
+        if labels is not None:
+            sup = batch.supervised_T
+            loss, num_loss_tokens = linear_cross_entropy(
+                x_TD[sup], self.lm_head.weight, batch.targets_T[sup], self.config.loss_chunk_size, loss_reduction
+            )
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        logits = batch.meta.pad(self.lm_head(x_TD)) if return_logits else None  # re-pad once: [B,S,V]
+        return PadFreeCausalLMOutput(loss=loss, logits=logits, num_loss_tokens=num_loss_tokens)
+
+    def prepare_inputs_for_generation(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        # No KV cache: every step runs the whole (unpadded) prefix; positions follow attention_mask.
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def _supports_default_dynamic_cache(self) -> bool:
+        return False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> PadFreeLlamaModel:
+        return self.model
+
+    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        """Save a stock Llama checkpoint: HF weight names and a plain `LlamaConfig`, so
+        `transformers.LlamaForCausalLM.from_pretrained` (or `AutoModelForCausalLM`) loads it."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.config.to_llama_config().save_pretrained(save_directory)
+
+
+def training_flops(config: PadFreeLlamaConfig, num_params: int, doc_lens: tuple[int, ...] | list[int]) -> int:
+    """FLOPs of one training step (forward + backward) over real tokens only.
+
+    `6 N T` for the weights (N non-embedding-lookup parameters, T real tokens) plus the attention
+    scores, `12 L d sum(len_i^2)` (PaLM's convention, as LLM-Foundry's MPT uses with `S^2`),
+    summed over documents instead of `B S^2` over padded rows.
+    """
+    d = config.num_attention_heads * _head_dim(config)
+    return 6 * num_params * sum(doc_lens) + 12 * config.num_hidden_layers * d * sum(n * n for n in doc_lens)

@@ -1,0 +1,282 @@
+"""Unpad once: turn a `[B,S]` batch into real tokens and one varlen metadata object.
+
+Shape legend: B batch rows, S row length, T real tokens in the batch, N documents in the batch.
+
+A batch row holds one document (HF padding, left or right) or several (LLM-Foundry packing,
+`sequence_id` 0..k-1 per row and -1 on padding; or HF padding-free `position_ids` that restart
+at 0). `unpad` reads whichever of those the caller gave and returns:
+
+- `VarlenMeta`: `indices_T` (where each real token sits in the flattened `[B*S]` batch),
+  `cu_seqlens_N1` (document starts in the `[T]` token stream, int32, as every varlen kernel wants),
+  `max_seqlen`, `position_ids_T` (restarting at 0 per document, for RoPE), and the host-side
+  document lengths. The model builds it once per forward and hands the same object to every layer.
+- the real tokens' ids, and the labels shifted *within* each document (the model shifts, as in HF,
+  but never across a boundary), with the positions of the supervised ones.
+
+All checks and the host-side values come from a single device-to-host copy of one `uint8 [B,S]`
+tensor of flags: that copy is the one sync of a forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+# Bits of the flags tensor copied to the host once per forward.
+_REAL, _NEW_DOC, _SEQ_ID_DECREASES, _POS_OUT_OF_RANGE, _SUPERVISED = (1 << i for i in range(5))
+
+
+class VarlenMeta(NamedTuple):
+    """Where the real tokens are and where each document starts; immutable, built once per forward.
+
+    Attributes:
+        indices_T: (T,), int64. Index of each real token in the row-major flattened `[B*S]` batch.
+        cu_seqlens_N1: (N+1,), int32. Start of each document in the token stream, then T.
+        max_seqlen: length of the longest document.
+        position_ids_T: (T,), int64. Position of each token within its document (RoPE input).
+        doc_lens: host copy of the N document lengths (reference kernel, FLOP counts, stats).
+        batch_size: B, to re-pad outputs to `[B,S,...]`.
+        seq_len: S.
+        attn_extra: what an attention backend derived once from this metadata (flex's block mask).
+    """
+
+    indices_T: Tensor
+    cu_seqlens_N1: Tensor
+    max_seqlen: int
+    position_ids_T: Tensor
+    doc_lens: tuple[int, ...]
+    batch_size: int
+    seq_len: int
+    attn_extra: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.indices_T)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_lens)
+
+    def doc_ids_T(self) -> Tensor:
+        """(T,), int64: the document each token belongs to (0..N-1), computed on device, no sync."""
+        tokens = torch.arange(self.num_tokens, device=self.cu_seqlens_N1.device)
+        return torch.searchsorted(self.cu_seqlens_N1[1:].long(), tokens, right=True)
+
+    def pad(self, x_T: Tensor, fill: float = 0.0) -> Tensor:
+        """Scatter per-token values `(T, *F)` back to `(B, S, *F)`, `fill` at padding."""
+        out = x_T.new_full((self.batch_size * self.seq_len, *x_T.shape[1:]), fill)
+        out[self.indices_T] = x_T
+        return out.view(self.batch_size, self.seq_len, *x_T.shape[1:])
+
+
+class Unpadded(NamedTuple):
+    """The result of `unpad`: metadata, real-token ids and per-document shifted targets."""
+
+    meta: VarlenMeta
+    input_ids_T: Tensor  # (T,), int64
+    targets_T: Tensor | None  # (T,), int64: the next token of the same document, or IGNORE_INDEX
+    supervised_T: Tensor | None  # (T_sup,), int64: indices into T of tokens with a target
+
+
+def unpad(
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    sequence_id: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    labels: Tensor | None = None,
+    max_positions: int | None = None,
+) -> Unpadded:
+    """Gather the real tokens of a `[B,S]` batch and describe its documents.
+
+    Args:
+        input_ids: (B, S), integer token ids.
+        attention_mask: (B, S), 1 on real tokens and 0 on padding (HF); padding on one side only.
+        sequence_id: (B, S), integer; document index within the row (LLM-Foundry), -1 on padding;
+            must not decrease along a row.
+        position_ids: (B, S), integer; used as given, and a 0 starts a new document (HF
+            padding-free convention). Without them positions count from 0 in each document.
+        labels: (B, S), integer, unshifted as in HF; IGNORE_INDEX where there is no target.
+        max_positions: the largest allowed position + 1 (`max_position_embeddings`), or None.
+
+    Raises:
+        ValueError: for a batch that cannot be read without guessing, naming the value and the fix.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(
+            f"input_ids has dtype {input_ids.dtype}; token ids must be an integer tensor "
+            "(convert with input_ids.long())."
+        )
+    B, S = input_ids.shape
+    device = input_ids.device
+    for name, t in (("attention_mask", attention_mask), ("sequence_id", sequence_id),
+                    ("position_ids", position_ids), ("labels", labels)):  # fmt: skip
+        if t is not None and tuple(t.shape) != (B, S):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but input_ids has {(B, S)}; "
+                "every per-token tensor of the batch must have the same [batch, seq_len] shape."
+            )
+
+    if attention_mask is None and sequence_id is None and position_ids is None:
+        return _unpad_dense(input_ids, labels, max_positions)
+
+    real_BS = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask is not None:
+        real_BS &= attention_mask.bool()
+    if sequence_id is not None:
+        real_BS &= sequence_id >= 0
+    flags_BS = real_BS.to(torch.uint8) * _REAL
+    if sequence_id is not None:
+        change_BS = torch.zeros_like(real_BS)
+        change_BS[:, 1:] = sequence_id[:, 1:] != sequence_id[:, :-1]
+        flags_BS |= change_BS.to(torch.uint8) * _NEW_DOC
+        decrease_BS = torch.zeros_like(real_BS)
+        decrease_BS[:, 1:] = (sequence_id[:, 1:] < sequence_id[:, :-1]) & real_BS[:, 1:]
+        flags_BS |= decrease_BS.to(torch.uint8) * _SEQ_ID_DECREASES
+    if position_ids is not None:
+        flags_BS |= (position_ids == 0).to(torch.uint8) * _NEW_DOC
+        limit = max_positions if max_positions is not None else torch.iinfo(torch.int64).max
+        bad_BS = (position_ids < 0) | (position_ids >= limit)
+        flags_BS |= bad_BS.to(torch.uint8) * _POS_OUT_OF_RANGE
+    if labels is not None:
+        flags_BS |= (labels != IGNORE_INDEX).to(torch.uint8) * _SUPERVISED
+
+    flags = flags_BS.cpu().numpy()  # the one device-to-host sync of a forward
+    real = (flags & _REAL).astype(bool)
+    _check_rows(real, flags, position_ids)
+
+    indices = np.flatnonzero(real)
+    T = len(indices)
+    first_in_row = np.zeros_like(real)
+    first_in_row[np.arange(B), real.argmax(axis=1)] = True
+    new_doc_T = ((flags & _NEW_DOC).astype(bool) | first_in_row).reshape(-1)[indices]
+    starts_N = np.flatnonzero(new_doc_T)
+    cu_seqlens = np.append(starts_N, T).astype(np.int32)
+    doc_lens = np.diff(cu_seqlens)
+    max_seqlen = int(doc_lens.max())
+
+    if position_ids is None:
+        if max_positions is not None and max_seqlen > max_positions:
+            doc = int(doc_lens.argmax())
+            raise ValueError(
+                f"document {doc} of the batch has {max_seqlen} tokens, more than "
+                f"max_position_embeddings ({max_positions}); truncate or split it (max_seq_len)."
+            )
+        positions = np.arange(T) - np.repeat(starts_N, doc_lens)
+    supervised_T = None
+    if labels is not None:
+        # The target of token t is the label at t+1, unless t ends its document.
+        has_target = np.append((flags.reshape(-1)[indices[1:]] & _SUPERVISED).astype(bool), False)
+        has_target[cu_seqlens[1:] - 1] = False
+        supervised_T = _to_device(np.flatnonzero(has_target), torch.int64, device)
+
+    indices_T = _to_device(indices, torch.int64, device)
+    cu_seqlens_N1 = _to_device(cu_seqlens, torch.int32, device)
+    if position_ids is None:
+        position_ids_T = _to_device(positions, torch.int64, device)
+    else:
+        position_ids_T = position_ids.reshape(-1)[indices_T].long()
+    meta = VarlenMeta(
+        indices_T=indices_T,
+        cu_seqlens_N1=cu_seqlens_N1,
+        max_seqlen=max_seqlen,
+        position_ids_T=position_ids_T,
+        doc_lens=tuple(int(n) for n in doc_lens),
+        batch_size=B,
+        seq_len=S,
+    )
+    input_ids_T = input_ids.reshape(-1)[indices_T]
+    return Unpadded(meta, input_ids_T, _shift_targets(labels, meta), supervised_T)
+
+
+def _unpad_dense(input_ids: Tensor, labels: Tensor | None, max_positions: int | None) -> Unpadded:
+    """Every token is real and each row is one document: no sync, no gather."""
+    B, S = input_ids.shape
+    device = input_ids.device
+    if max_positions is not None and S > max_positions:
+        raise ValueError(
+            f"rows of {S} tokens are longer than max_position_embeddings ({max_positions}); "
+            "truncate them (max_seq_len) or pass position_ids/sequence_id for packed rows."
+        )
+    cu_seqlens_N1 = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=device)
+    meta = VarlenMeta(
+        indices_T=torch.arange(B * S, device=device),
+        cu_seqlens_N1=cu_seqlens_N1,
+        max_seqlen=S,
+        position_ids_T=torch.arange(S, device=device).repeat(B),
+        doc_lens=(S,) * B,
+        batch_size=B,
+        seq_len=S,
+    )
+    targets_T = _shift_targets(labels, meta)
+    supervised_T = None
+    if targets_T is not None:
+        # Without a sync we cannot know how many targets there are: take every token and let the
+        # loss ignore IGNORE_INDEX ones.
+        supervised_T = meta.indices_T
+    return Unpadded(meta, input_ids.reshape(-1), targets_T, supervised_T)
+
+
+def _shift_targets(labels: Tensor | None, meta: VarlenMeta) -> Tensor | None:
+    """(T,), int64: label of the next token of the same document; IGNORE_INDEX at each doc's end."""
+    if labels is None:
+        return None
+    labels_T = labels.reshape(-1)[meta.indices_T].long()
+    targets_T = torch.roll(labels_T, -1)
+    targets_T[meta.cu_seqlens_N1[1:].long() - 1] = IGNORE_INDEX
+    return targets_T
+
+
+def _check_rows(real: np.ndarray, flags: np.ndarray, position_ids: Tensor | None) -> None:
+    B, S = real.shape
+    counts = real.sum(axis=1)
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        raise ValueError(
+            f"row {int(empty[0])} of the batch has no real tokens (attention_mask/sequence_id all "
+            "padding); drop empty rows before the forward."
+        )
+    first = real.argmax(axis=1)
+    last = S - 1 - real[:, ::-1].argmax(axis=1)
+    holes = np.flatnonzero(last - first + 1 != counts)
+    if len(holes):
+        r = int(holes[0])
+        raise ValueError(
+            f"row {r} has padding between real tokens (attention_mask {real[r].astype(int).tolist()}); "
+            "padding must sit at one end of each row."
+        )
+    left, right = first > 0, last < S - 1
+    if left.any() and right.any():
+        raise ValueError(
+            f"mixed left/right padding: row {int(np.flatnonzero(left)[0])} is left-padded and row "
+            f"{int(np.flatnonzero(right)[0])} is right-padded; pad every row on the same side "
+            "(tokenizer.padding_side)."
+        )
+    decreases = np.argwhere(flags & _SEQ_ID_DECREASES)
+    if len(decreases):
+        r, c = (int(v) for v in decreases[0])
+        raise ValueError(
+            f"sequence_id decreases in row {r} at column {c}; sequence_id must be non-decreasing "
+            "within a row (documents numbered 0..k-1 left to right, -1 on padding)."
+        )
+    bad_pos = np.argwhere((flags & _POS_OUT_OF_RANGE).astype(bool) & real)
+    if len(bad_pos):
+        r, c = (int(v) for v in bad_pos[0])
+        value = int(position_ids[r, c])  # error path only: a second sync is fine here
+        raise ValueError(
+            f"position_ids[{r}, {c}] = {value} is outside [0, max_position_embeddings); "
+            "a document is longer than the position limit: truncate or split it (max_seq_len)."
+        )
+
+
+def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
