@@ -43,8 +43,7 @@ class PadFreeLlamaConfig(LlamaConfig):
         """Raise `ValueError` naming the field, its value and the fix for an invalid setting."""
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(
-                f"attn_backend={self.attn_backend!r} is not a known backend; "
-                f"use one of {', '.join(ATTN_BACKENDS)}."
+                f"attn_backend={self.attn_backend!r} is not a known backend; use one of {', '.join(ATTN_BACKENDS)}."
             )
         if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size!r} must be a positive int.")
@@ -55,6 +54,14 @@ class PadFreeLlamaConfig(LlamaConfig):
             )
 
     @classmethod
+    def get_config_dict(cls, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        # A stock Llama checkpoint is ours to load: read its `model_type: llama` as our own.
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == "llama":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+    @classmethod
     def from_llama_config(cls, config: LlamaConfig, **padfree: Any) -> PadFreeLlamaConfig:
         """Our config with every field of a stock `LlamaConfig` and the given padding-free options."""
         fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
@@ -63,6 +70,6 @@ class PadFreeLlamaConfig(LlamaConfig):
 
     def to_llama_config(self) -> LlamaConfig:
         """The stock `LlamaConfig` this model is a drop-in for (what `save_pretrained` writes)."""
-        fields = {k: v for k, v in self.to_dict().items() if k not in PADFREE_FIELDS + ("model_type",)}
+        fields = {k: v for k, v in self.to_dict().items() if k not in (*PADFREE_FIELDS, "model_type")}
         fields["architectures"] = ["LlamaForCausalLM"]
         return LlamaConfig(**fields)

@@ -234,7 +234,7 @@ def _shift_targets(labels: Tensor | None, meta: VarlenMeta) -> Tensor | None:
 
 
 def _check_rows(real: np.ndarray, flags: np.ndarray, position_ids: Tensor | None) -> None:
-    B, S = real.shape
+    S = real.shape[1]
     counts = real.sum(axis=1)
     empty = np.flatnonzero(counts == 0)
     if len(empty):

@@ -1,0 +1,53 @@
+"""The chunked head + cross-entropy equals F.cross_entropy on full logits, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from foundry_padfree.loss import linear_cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_matches_full_logits_cross_entropy(chunk):
+    h = torch.randn(13, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (13,))
+    targets[[2, 5, 6]] = -100
+    loss, count = linear_cross_entropy(h, w, targets, chunk=chunk)
+    ref = F.cross_entropy(h @ w.t(), targets, ignore_index=-100)
+    torch.testing.assert_close(loss, ref)
+    assert int(count) == 10
+    loss.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref.backward()
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_sum_reduction_and_no_targets():
+    h = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(5, 8)
+    targets = torch.tensor([1, 2, 3, 4])
+    loss, _ = linear_cross_entropy(h, w, targets, chunk=2, reduction="sum")
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), targets, reduction="sum"))
+    empty, count = linear_cross_entropy(h, w, torch.full((4,), -100), chunk=2)
+    assert empty.item() == 0.0 and int(count) == 0  # an empty microbatch adds nothing, not NaN
+    empty.backward()
+    assert torch.all(h.grad == 0)
+
+
+def test_unknown_reduction():
+    with pytest.raises(ValueError, match=r"loss reduction='none' is not supported"):
+        linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(2, dtype=torch.long), reduction="none")
+
+
+def test_no_grad_path_skips_gradients():
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(5, 8, requires_grad=True)
+    targets = torch.randint(0, 5, (6,))
+    with torch.no_grad():
+        loss, _ = linear_cross_entropy(h, w, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), targets))

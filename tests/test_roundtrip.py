@@ -1,0 +1,49 @@
+"""Stock HF checkpoint -> ours -> save_pretrained -> stock HF: same weights, same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from foundry_padfree import PadFreeLlamaConfig, PadFreeLlamaForCausalLM
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_stock_checkpoint_round_trip(tmp_path, tied):
+    config = LlamaConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    stock = LlamaForCausalLM(config).eval()
+    stock.save_pretrained(tmp_path / "stock")  # safetensors, as on the hub
+
+    ours = PadFreeLlamaForCausalLM.from_pretrained(tmp_path / "stock", attn_backend="sdpa").eval()
+    assert isinstance(ours.config, PadFreeLlamaConfig)
+    ids = torch.randint(0, 101, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    expected = stock(ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()], expected[mask.bool()])
+
+    ours.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["model_type"] == "llama"
+    assert saved["architectures"] == ["LlamaForCausalLM"]
+    assert "attn_backend" not in saved
+    for loader in (LlamaForCausalLM, AutoModelForCausalLM):
+        back = loader.from_pretrained(tmp_path / "ours").eval()
+        assert type(back) is LlamaForCausalLM
+        torch.testing.assert_close(back(ids, attention_mask=mask).logits, expected, atol=0, rtol=0)
+
+
+def test_auto_classes_know_the_padfree_config(tmp_path):
+    config = PadFreeLlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        attn_backend="sdpa",
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    assert isinstance(model, PadFreeLlamaForCausalLM)
