@@ -10,37 +10,106 @@ of the summed loss with respect to the hidden states and the head weight; only t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from foundry_padfree.varlen import IGNORE_INDEX
 
 
+def _nll_and_grad(logits_CV: Tensor, t_C: Tensor, valid_C: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Summed cross-entropy of a chunk and its gradient w.r.t. the logits, in place (eager).
+
+    `log_softmax(dtype=float32)` reads the low-precision logits and writes fp32 log-probabilities in
+    one kernel; the gradient `softmax - one_hot` is built in that same buffer, then cast.
+    """
+    logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.float32)
+    nll_sum = -(logp_CV.gather(1, t_C[:, None]).squeeze(1) * valid_C).sum()
+    if not need_grad:
+        return nll_sum, None
+    g_CV = logp_CV.exp_()
+    g_CV[torch.arange(len(t_C), device=g_CV.device), t_C] -= 1.0
+    return nll_sum, g_CV.to(logits_CV.dtype).mul_(valid_C[:, None])
+
+
+def _nll_and_grad_fused(logits_CV: Tensor, t_C: Tensor, valid_C: Tensor) -> tuple[Tensor, Tensor]:
+    """`_nll_and_grad` written without in-place indexing, so that inductor fuses it into a reduction
+    and one elementwise pass (the one-hot is an iota comparison)."""
+    logp_CV = torch.log_softmax(logits_CV.float(), dim=-1)
+    nll_sum = -(logp_CV.gather(1, t_C[:, None]).squeeze(1) * valid_C).sum()
+    one_hot_CV = torch.arange(logits_CV.shape[1], device=logits_CV.device)[None, :] == t_C[:, None]
+    g_CV = (logp_CV.exp() - one_hot_CV.float()) * valid_C[:, None]
+    return nll_sum, g_CV.to(logits_CV.dtype)
+
+
+@functools.cache
+def _compiled_nll_and_grad(backend: str):
+    return torch.compile(_nll_and_grad_fused, backend=backend)
+
+
+@functools.cache
+def _addmm_takes_out_dtype() -> bool:
+    """Whether this torch's CUDA `addmm` accumulates bf16 products into an fp32 tensor directly."""
+    try:
+        a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+        torch.addmm(torch.zeros(2, 2, device="cuda"), a, a, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def _accumulate_mm(acc_VD: Tensor, a_VC: Tensor, b_CD: Tensor) -> Tensor:
+    """acc + a @ b, in acc's (fp32) precision, without a low-precision `[V,D]` product when torch can."""
+    if a_VC.dtype == acc_VD.dtype:
+        return acc_VD.addmm_(a_VC, b_CD)
+    if acc_VD.is_cuda and _addmm_takes_out_dtype():
+        return torch.addmm(acc_VD, a_VC, b_CD, out_dtype=acc_VD.dtype)
+    return acc_VD.add_(a_VC @ b_CD)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_TD: Tensor, w_VD: Tensor, targets_T: Tensor, chunk: int, need_grad: bool) -> Tensor:
+    def forward(
+        ctx,
+        h_TD: Tensor,
+        w_VD: Tensor,
+        targets_T: Tensor,
+        chunk: int,
+        need_grad: bool,
+        compile_backend: str | None,
+    ) -> Tensor:
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_TD.device)
         grad_h_TD = torch.empty_like(h_TD) if need_grad else None
         grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32) if need_grad else None
-        for start in range(0, h_TD.shape[0], chunk):
-            h_CD = h_TD[start : start + chunk]
-            t_C = targets_T[start : start + chunk]
-            valid_C = t_C != IGNORE_INDEX
-            t_C = t_C.clamp(min=0)
-            logits_CV = (h_CD @ w_VD.t()).float()
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
-            picked_C = logits_CV.gather(1, t_C[:, None]).squeeze(1)
-            loss_sum += ((lse_C - picked_C) * valid_C).sum()
-            if need_grad:
-                # d(sum of losses)/d logits = softmax - one_hot(target), zero on ignored tokens.
-                g_CV = logits_CV.sub_(lse_C[:, None]).exp_()
-                g_CV[torch.arange(len(t_C), device=g_CV.device), t_C] -= 1.0
-                g_CV *= valid_C[:, None]
-                g_CV = g_CV.to(h_CD.dtype)
-                grad_h_TD[start : start + chunk] = g_CV @ w_VD.to(h_CD.dtype)
-                grad_w_VD += (g_CV.t() @ h_CD).float()
-        ctx.save_for_backward(grad_h_TD, grad_w_VD)
         ctx.w_dtype = w_VD.dtype
+        # Under autocast the head runs in the autocast dtype, as nn.Linear would; casts are explicit
+        # below so that every product has one input dtype.
+        device_type = h_TD.device.type
+        dtype = h_TD.dtype
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            h_TD, w_VD = h_TD.to(dtype), w_VD.to(dtype)
+            for start in range(0, h_TD.shape[0], chunk):
+                h_CD = h_TD[start : start + chunk]
+                t_C = targets_T[start : start + chunk]
+                valid_C = t_C != IGNORE_INDEX
+                t_C = t_C.clamp(min=0)
+                logits_CV = h_CD @ w_VD.t()
+                if compile_backend is not None and need_grad:
+                    for t in (logits_CV, t_C, valid_C):
+                        torch._dynamo.maybe_mark_dynamic(t, 0)  # the last chunk is shorter
+                    nll_sum, g_CV = _compiled_nll_and_grad(compile_backend)(logits_CV, t_C, valid_C)
+                else:
+                    nll_sum, g_CV = _nll_and_grad(logits_CV, t_C, valid_C, need_grad)
+                del logits_CV
+                loss_sum += nll_sum
+                if need_grad:
+                    # d(sum of losses)/d logits = softmax - one_hot(target), zero on ignored tokens.
+                    grad_h_TD[start : start + chunk] = g_CV @ w_VD
+                    grad_w_VD = _accumulate_mm(grad_w_VD, g_CV.t(), h_CD)
+        ctx.save_for_backward(grad_h_TD, grad_w_VD)
         return loss_sum
 
     @staticmethod
@@ -48,7 +117,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h_TD, grad_w_VD = ctx.saved_tensors
         grad_h = grad_h_TD * grad_loss.to(grad_h_TD.dtype) if ctx.needs_input_grad[0] else None
         grad_w = (grad_w_VD * grad_loss).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -57,6 +126,7 @@ def linear_cross_entropy(
     targets_T: Tensor,
     chunk: int = 4096,
     reduction: str = "mean",
+    compile_backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of `h_TD @ weight_VD.T` against `targets_T`, computed `chunk` tokens at a time.
 
@@ -67,6 +137,8 @@ def linear_cross_entropy(
         chunk: tokens per chunk; the largest transient is a `[chunk, V]` fp32 block.
         reduction: `mean` over tokens with a target (0 when there are none, so an empty
             microbatch contributes nothing instead of NaN) or `sum`.
+        compile_backend: compute each chunk's softmax gradient with `torch.compile(backend=...)`
+            (one fused pass over the logits instead of several), or eagerly when None. Same result.
 
     Returns:
         (loss, number of tokens with a target), both 0-dim tensors on the device (no sync).
@@ -75,7 +147,7 @@ def linear_cross_entropy(
         raise ValueError(f"loss reduction={reduction!r} is not supported; use 'mean' or 'sum'.")
     num_targets = (targets_T != IGNORE_INDEX).sum()
     need_grad = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
-    loss_sum = _ChunkedLinearCrossEntropy.apply(h_TD, weight_VD, targets_T, chunk, need_grad)
+    loss_sum = _ChunkedLinearCrossEntropy.apply(h_TD, weight_VD, targets_T, chunk, need_grad, compile_backend)
     if reduction == "sum":
         return loss_sum, num_targets
     return loss_sum / num_targets.clamp(min=1), num_targets

@@ -11,6 +11,8 @@ stock checkpoint.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +94,9 @@ def _head_dim(config: PadFreeLlamaConfig) -> int:
 
 
 class PadFreeAttention(nn.Module):
+    """The four attention projections. The kernel call sits in `PadFreeDecoderLayer.forward`, between
+    `project` and `o_proj`, so that everything dense on either side of it can compile as one graph."""
+
     def __init__(self, config: PadFreeLlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -106,14 +111,13 @@ class PadFreeAttention(nn.Module):
         self.v_proj = nn.Linear(D, self.num_kv_heads * H, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * H, D, bias=bias)
 
-    def forward(self, x_TD: Tensor, meta: VarlenMeta, rope: tuple[Tensor, Tensor], backend: Backend) -> Tensor:
+    def project(self, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries and keys with RoPE applied, and values: (T,N,H), (T,K,H), (T,K,H)."""
         T = x_TD.shape[0]
         q_TNH = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
         k_TKH = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
         v_TKH = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
-        q_TNH, k_TKH = _apply_rope(q_TNH, *rope), _apply_rope(k_TKH, *rope)
-        o_TNH = backend.attend(q_TNH, k_TKH, v_TKH, meta, self.scaling)
-        return self.o_proj(o_TNH.reshape(T, self.num_heads * self.head_dim))
+        return _apply_rope(q_TNH, cos_TH, sin_TH), _apply_rope(k_TKH, cos_TH, sin_TH), v_TKH
 
 
 class PadFreeMLP(nn.Module):
@@ -130,16 +134,55 @@ class PadFreeMLP(nn.Module):
 
 
 class PadFreeDecoderLayer(nn.Module):
+    """Pre-norm Llama block on packed tokens.
+
+    The block runs as three calls: `attention_inputs` (norm, projections, RoPE), the varlen kernel
+    (`backend.attend`, which alone reads the host-side metadata), and `attention_output_and_mlp`
+    (output projection, residual, norm, MLP, residual). Only tensors cross the two dense calls, so
+    `compile_regions` can hand them to `torch.compile` with the token dimension dynamic: one graph
+    per region serves every layer and every batch, with no guard on the documents' layout.
+    """
+
     def __init__(self, config: PadFreeLlamaConfig, layer_idx: int):
         super().__init__()
         self.self_attn = PadFreeAttention(config, layer_idx)
         self.mlp = PadFreeMLP(config)
         self.input_layernorm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.compile_backend: str | None = None  # set by compile_regions; None runs eagerly
 
     def forward(self, x_TD: Tensor, meta: VarlenMeta, rope: tuple[Tensor, Tensor], backend: Backend) -> Tensor:
-        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), meta, rope, backend)
-        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+        attention_inputs, attention_output_and_mlp = _attention_inputs, _attention_output_and_mlp
+        if self.compile_backend is not None:
+            attention_inputs, attention_output_and_mlp = _compiled_regions(self.compile_backend)
+            for t in (x_TD, *rope):
+                torch._dynamo.maybe_mark_dynamic(t, 0)  # T changes every batch: trace it symbolic once
+        q_TNH, k_TKH, v_TKH = attention_inputs(self, x_TD, *rope)
+        o_TNH = backend.attend(q_TNH, k_TKH, v_TKH, meta, self.self_attn.scaling)
+        if self.compile_backend is not None:
+            torch._dynamo.maybe_mark_dynamic(o_TNH, 0)
+        return attention_output_and_mlp(self, x_TD, o_TNH)
+
+    def compile_regions(self, backend: str = "inductor") -> None:
+        """Run the two dense parts of the block through `torch.compile(backend=backend)`; the
+        attention kernel stays as it is."""
+        self.compile_backend = backend
+
+
+def _attention_inputs(layer: PadFreeDecoderLayer, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor):
+    return layer.self_attn.project(layer.input_layernorm(x_TD), cos_TH, sin_TH)
+
+
+def _attention_output_and_mlp(layer: PadFreeDecoderLayer, x_TD: Tensor, o_TNH: Tensor) -> Tensor:
+    x_TD = x_TD + layer.self_attn.o_proj(o_TNH.flatten(1))
+    return x_TD + layer.mlp(layer.post_attention_layernorm(x_TD))
+
+
+@functools.cache
+def _compiled_regions(backend: str) -> tuple[Callable, Callable]:
+    # Module-level functions taking the layer as an argument: dynamo lifts each layer's weights as
+    # graph inputs, so the layers share one compiled graph per region instead of one per layer.
+    return torch.compile(_attention_inputs, backend=backend), torch.compile(_attention_output_and_mlp, backend=backend)
 
 
 class PadFreePreTrainedModel(PreTrainedModel):
@@ -186,6 +229,17 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
             self._backends[key] = resolve_backend(self.config.attn_backend, device)
         return self._backends[key]
 
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """`torch.compile` every layer's dense parts, dynamic in the token count T.
+
+        Two forward and two backward graphs are compiled on the first step and serve every layer
+        and every later batch: no recompilation when T, the number of documents or their lengths
+        change. The attention kernel, the embedding and the host-side metadata stay eager.
+        `backend` is `torch.compile`'s (`aot_eager` traces the same graphs without code generation).
+        """
+        for layer in self.layers:
+            layer.compile_regions(backend)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
@@ -215,7 +269,9 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
     ) -> BaseModelOutput | tuple[Tensor]:
         """HF `LlamaModel` interface: `[B,S]` in, `[B,S,D]` last hidden state out (zeros at padding)."""
         with torch.no_grad():
-            batch = unpad(input_ids, attention_mask, sequence_id, position_ids, None, self.config.max_position_embeddings)
+            batch = unpad(
+                input_ids, attention_mask, sequence_id, position_ids, None, self.config.max_position_embeddings
+            )
         hidden_BSD = batch.meta.pad(self.forward_tokens(batch.input_ids_T, batch.meta))
         if return_dict is False:
             return (hidden_BSD,)
@@ -239,7 +295,14 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         self.model = PadFreeLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_compile_backend: str | None = None  # set by compile_layers; None runs eagerly
         self.post_init()
+
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """`torch.compile` the layers (`PadFreeLlamaModel.compile_layers`) and the loss's per-chunk
+        softmax gradient, which then makes one fused pass over the `[C,V]` logits instead of several."""
+        self.model.compile_layers(backend)
+        self.loss_compile_backend = backend
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> PadFreeLlamaForCausalLM:
@@ -284,14 +347,21 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
             raise ValueError("past_key_values are not supported: the model recomputes the prefix (use_cache=False).")
 
         with torch.no_grad():  # unpad once, before the embedding
-            batch = unpad(input_ids, attention_mask, sequence_id, position_ids, labels, self.config.max_position_embeddings)
+            batch = unpad(
+                input_ids, attention_mask, sequence_id, position_ids, labels, self.config.max_position_embeddings
+            )
         x_TD = self.model.forward_tokens(batch.input_ids_T, batch.meta)
 
         loss = num_loss_tokens = None
         if labels is not None:
             sup = batch.supervised_T
             loss, num_loss_tokens = linear_cross_entropy(
-                x_TD[sup], self.lm_head.weight, batch.targets_T[sup], self.config.loss_chunk_size, loss_reduction
+                x_TD[sup],
+                self.lm_head.weight,
+                batch.targets_T[sup],
+                self.config.loss_chunk_size,
+                loss_reduction,
+                compile_backend=self.loss_compile_backend,
             )
         if return_logits is None:
             return_logits = labels is None or not self.training
