@@ -1,0 +1,220 @@
+"""`padfree_text`: LLM-Foundry's `text` loader with document boundaries the model can use.
+
+The `dataset:` section is the one of LLM-Foundry's `text` loader (StreamingTextDataset over MDS,
+local or remote, `streams`, `tokens` or `text` columns, `eos_token_id` / `bos_token_id`), and
+LLM-Foundry builds and validates the dataset; only the collator is ours.
+
+Each stream sample becomes one row, as in LLM-Foundry, so StreamingDataset's sharding, shuffling and
+mid-epoch resumption are untouched (a sample is a row; see `dataspec.py`). Within a row, documents
+are found as LLM-Foundry's `ConcatenatedSequenceCollatorWrapper` finds them:
+
+- `eos_token_id`: a document ends with (and includes) each EOS;
+- `bos_token_id`: a document starts at each BOS;
+- neither: the row is one document (the usual choice for a `text` column, one text per sample).
+
+Unlike LLM-Foundry:
+
+- the first label of every document is ignored, so the last token of a document is never trained
+  to predict the next document, even by a model that ignores `sequence_id`;
+- padding comes from lengths and `attention_mask`, never from token ids, so with
+  `pad_token_id == eos_token_id` real EOS tokens keep their labels and padding is not a document;
+- `sequence_id` is -1 on padding and numbered 0..k-1 in BOS mode too; `position_ids` restart at 0.
+
+**Partial documents at row edges.** Concatenated rows cut documents at arbitrary points. Each
+piece is kept where it is and is its own segment with positions from 0: the tail of a document
+that began in the previous row is the row's first segment (EOS mode: the tokens up to the first
+EOS; BOS mode: the tokens before the first BOS). Carrying the tail over to join its head would make
+rows depend on each other and break StreamingDataset's exact resumption; the cost is that such a
+tail is trained without the context of its head, as with any fixed-length concatenation.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from composer.core import DataSpec
+from llmfoundry.data.text_data import StreamingTextDataset, build_text_dataloader
+from streaming import StreamingDataset
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from foundry_padfree.data.batch import Document, collate_rows
+from foundry_padfree.data.dataspec import padfree_data_spec
+
+# The `dataset:` keys LLM-Foundry's text loader understands; anything else is a typo we report.
+_TEXT_DATASET_KEYS = (
+    set(inspect.signature(StreamingTextDataset).parameters)
+    | set(inspect.signature(StreamingDataset).parameters)
+    | {
+        "eos_token_id",
+        "bos_token_id",
+        "override_eos_token_id_mismatch_error",
+        "override_bos_token_id_mismatch_error",
+        "replication",
+        "seq_parallel_replication",
+    }
+) - {"self", "tokenizer", "batch_size", "kwargs"}
+
+
+def split_documents(
+    ids: np.ndarray, eos_token_id: int | None = None, bos_token_id: int | None = None
+) -> list[Document]:
+    """Cut one row of real tokens into documents (see the module docstring for the rules).
+
+    Args:
+        ids: (L,), int64, the real tokens of a row, L >= 1.
+        eos_token_id: split after each of these, or None.
+        bos_token_id: split before each of these, or None (not both).
+
+    Returns:
+        The documents in order; each one's labels are its tokens (the collator ignores the first).
+    """
+    assert eos_token_id is None or bos_token_id is None, "LLM-Foundry's config check rejects both"
+    if eos_token_id is not None:
+        cuts = np.flatnonzero(ids == eos_token_id) + 1
+    elif bos_token_id is not None:
+        cuts = np.flatnonzero(ids == bos_token_id)
+    else:
+        cuts = np.empty(0, dtype=np.int64)
+    bounds = np.unique(np.concatenate([[0], cuts, [len(ids)]]))
+    return [Document(ids[a:b], ids[a:b].copy()) for a, b in itertools.pairwise(bounds)]
+
+
+class PadFreeTextCollator:
+    """Collate StreamingTextDataset samples into padding-free rows.
+
+    Args:
+        max_seq_len: row length S.
+        pad_token_id: filler id for padding.
+        eos_token_id: document separator (EOS mode), or None.
+        bos_token_id: document separator (BOS mode), or None.
+    """
+
+    def __init__(
+        self, max_seq_len: int, pad_token_id: int, eos_token_id: int | None = None, bos_token_id: int | None = None
+    ):
+        if eos_token_id is not None and bos_token_id is not None:
+            raise ValueError(
+                f"eos_token_id = {eos_token_id} and bos_token_id = {bos_token_id} are both set; documents are split "
+                "on one of them: keep eos_token_id if documents end with EOS, bos_token_id if they start with BOS."
+            )
+        self.max_seq_len = max_seq_len
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = bos_token_id
+
+    def __call__(self, samples: Sequence[torch.Tensor | Mapping[str, Any]]) -> dict[str, Any]:
+        """`samples`: token tensors (`tokens` column, (L,) integer) or tokenizer outputs (`text`
+        column: `input_ids` and `attention_mask`, padded to `max_seq_len`)."""
+        rows = []
+        for k, sample in enumerate(samples):
+            ids = _real_tokens(sample)
+            if len(ids) == 0:
+                raise ValueError(f"sample {k} of the batch has no tokens; remove empty samples from the dataset.")
+            if len(ids) > self.max_seq_len:
+                raise ValueError(f"sample {k} has {len(ids)} tokens, more than max_seq_len ({self.max_seq_len}).")
+            rows.append(split_documents(ids, self.eos_token_id, self.bos_token_id))
+        return collate_rows(rows, self.max_seq_len, self.pad_token_id)
+
+
+def _real_tokens(sample: torch.Tensor | Mapping[str, Any]) -> np.ndarray:
+    """(L,) int64: a sample's tokens without padding (padding is where `attention_mask` is 0)."""
+    if isinstance(sample, Mapping):
+        ids = np.asarray(sample["input_ids"], dtype=np.int64)
+        if "attention_mask" in sample:
+            ids = ids[np.asarray(sample["attention_mask"]).astype(bool)]
+        return ids
+    return torch.as_tensor(sample).to(torch.int64).numpy()
+
+
+def build_padfree_text_dataloader(
+    tokenizer: PreTrainedTokenizerBase | None,
+    device_batch_size: int,
+    dataset: dict[str, Any],
+    drop_last: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = True,
+    prefetch_factor: int | None = 2,
+    persistent_workers: bool = True,
+    timeout: int = 0,
+    **unknown: Any,
+) -> DataSpec:
+    """LLM-Foundry dataloader `padfree_text`: `train_loader: {name: padfree_text, dataset: {...}}`.
+
+    Args:
+        tokenizer: the run's tokenizer (its pad, eos and bos ids are used).
+        device_batch_size: rows per device per step.
+        dataset: the `dataset:` section of LLM-Foundry's `text` loader; `max_seq_len` is the row length.
+        drop_last, num_workers, pin_memory, prefetch_factor, persistent_workers, timeout: as for
+            `torch.utils.data.DataLoader`. With `num_workers: 0`, `prefetch_factor` and
+            `persistent_workers` do not apply and are ignored.
+
+    Returns:
+        A Composer `DataSpec` whose batches are described in `batch.py`.
+
+    Raises:
+        ValueError: for unknown options, `max_seq_len` < 2, EOS and BOS both set, a separator id
+            that differs from the tokenizer's (unless overridden, as in LLM-Foundry), or
+            `mlm_probability` (masked LM is not causal LM).
+    """
+    if unknown:
+        raise ValueError(
+            f"padfree_text got unknown option(s) {sorted(unknown)}; it accepts dataset, drop_last, num_workers, "
+            "pin_memory, prefetch_factor, persistent_workers and timeout."
+        )
+    if tokenizer is None:
+        raise ValueError("padfree_text needs the run's tokenizer (a top-level `tokenizer:` section).")
+    dataset_cfg = copy.deepcopy(dict(dataset))
+    if "mlm_probability" in dataset_cfg:
+        raise ValueError(
+            f"dataset.mlm_probability = {dataset_cfg['mlm_probability']}: masked-LM batches are not supported by "
+            "the padding-free causal LM; remove it."
+        )
+    bad = sorted(set(dataset_cfg) - _TEXT_DATASET_KEYS)
+    if bad:
+        raise ValueError(
+            f"dataset has unknown key(s) {bad} for padfree_text; allowed: {', '.join(sorted(_TEXT_DATASET_KEYS))}."
+        )
+    max_seq_len = dataset_cfg.get("max_seq_len")
+    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(
+            f"dataset.max_seq_len = {max_seq_len!r}; rows need at least 2 tokens for a token to have a target."
+        )
+    eos_token_id, bos_token_id = dataset_cfg.get("eos_token_id"), dataset_cfg.get("bos_token_id")
+    pad_token_id = tokenizer.pad_token_id
+    if pad_token_id is None:  # any id works: padding is found from lengths, not ids
+        pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    collator = PadFreeTextCollator(max_seq_len, pad_token_id, eos_token_id, bos_token_id)
+
+    # LLM-Foundry builds and validates the StreamingTextDataset (separator ids against the
+    # tokenizer, replication, streams); we keep its dataset and batch size and use our collator.
+    # Its own DataLoader is never iterated.
+    foundry_loader = build_text_dataloader(
+        tokenizer=tokenizer,
+        device_batch_size=device_batch_size,
+        dataset=dataset_cfg,
+        drop_last=drop_last,
+        num_workers=0,
+        pin_memory=False,
+        prefetch_factor=None,
+        persistent_workers=False,
+    ).dataloader
+    assert isinstance(foundry_loader, DataLoader), f"LLM-Foundry returned {type(foundry_loader)}"
+    loader = DataLoader(
+        foundry_loader.dataset,
+        batch_size=foundry_loader.batch_size,
+        collate_fn=collator,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=persistent_workers and num_workers > 0,
+        timeout=timeout,
+    )
+    return padfree_data_spec(loader, samples="rows")

@@ -1,0 +1,325 @@
+"""End to end: both loaders built by LLM-Foundry's `build_dataloader` from YAML on local data this
+test writes (offline tokenizer), fed to the model, resumed, microbatched under Composer, and fed bad
+input."""
+
+from __future__ import annotations
+
+import collections
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from composer import Callback, Trainer
+from composer.models import HuggingFaceModel
+from conftest import tiny_model
+from data_helpers import (
+    chat_rows,
+    documents_of,
+    prompt_response_rows,
+    token_stream,
+    tokenizer,
+    write_jsonl,
+    write_mds,
+)
+from llmfoundry.data.dataloader import build_dataloader
+from omegaconf import OmegaConf
+
+from foundry_padfree.varlen import IGNORE_INDEX
+
+SEQ = 128  # dataset.max_seq_len
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("padfree_data")
+    write_jsonl(root / "sft" / "train.jsonl", prompt_response_rows(120, seed=1))
+    write_jsonl(root / "chat" / "train.jsonl", chat_rows(40, seed=2))
+    eos = tokenizer().eos_token_id
+    stream = token_stream(300, eos)
+    rows = [np.array(stream[i : i + 64], dtype=np.int32) for i in range(0, len(stream) - 64, 64)]
+    write_mds(root / "tokens" / "train", {"tokens": "ndarray:int32"}, [{"tokens": r} for r in rows])
+    write_mds(root / "text" / "train", {"text": "str"}, [{"text": r["a"]} for r in prompt_response_rows(20, seed=3)])
+    pairs = prompt_response_rows(50, seed=4)
+    write_mds(
+        root / "sft_mds" / "train",
+        {"prompt": "str", "response": "str"},
+        [{"prompt": p["q"], "response": p["a"]} for p in pairs],
+    )
+    return root
+
+
+def _finetuning_yaml(data_dir: Path, mode: str, extra: str = "") -> dict[str, Any]:
+    yaml = f"""
+    name: padfree_finetuning
+    dataset:
+      hf_name: json
+      hf_kwargs: {{data_files: {data_dir}/sft/train.jsonl}}
+      split: train
+      preprocessing_fn: {{prompt: q, response: a}}
+      max_seq_len: {SEQ}
+      decoder_only_format: true
+      shuffle: true
+      shuffle_seed: 17
+    num_workers: 0
+    packing_mode: {mode}
+    {extra}
+    """
+    return OmegaConf.to_container(OmegaConf.create(yaml.replace("\n    ", "\n")))
+
+
+def _build(cfg: dict[str, Any], device_batch_size: int):
+    return build_dataloader(copy.deepcopy(cfg), tokenizer(), device_batch_size)
+
+
+def _expected_documents(spec) -> collections.Counter:
+    """Every example of the dataset as the collator makes it: (input_ids, labels) tuples."""
+    dataset, collator = spec.dataloader.dataset, spec.dataloader.collate_fn
+    docs = collections.Counter()
+    for i in range(len(dataset.base)):
+        doc = collator.document(dataset.base[i]).document
+        labels = doc.labels.copy()
+        labels[0] = IGNORE_INDEX
+        docs[(tuple(doc.input_ids.tolist()), tuple(labels.tolist()))] += 1
+    return docs
+
+
+@pytest.mark.parametrize("mode", ["budget", "flatten"])
+def test_finetuning_epoch_has_every_example_once(data_dir, mode):
+    spec = _build(_finetuning_yaml(data_dir, mode), device_batch_size=4)
+    seen, samples, tokens, loss_tokens = collections.Counter(), 0, 0, 0
+    batches = list(spec.dataloader)
+    assert len(batches) == len(spec.dataloader)
+    for batch in batches:
+        rows = documents_of(batch)
+        for docs in rows:
+            assert sum(len(ids) for ids, _ in docs) <= SEQ
+            for ids, labels in docs:
+                seen[(tuple(ids.tolist()), tuple(labels.tolist()))] += 1
+        samples += spec.get_num_samples_in_batch(batch)
+        counts = spec._get_num_tokens_in_batch(batch)
+        tokens, loss_tokens = tokens + counts["total"], loss_tokens + counts["loss_generating"]
+        assert counts["total"] == int(batch["attention_mask"].sum())
+        if mode == "budget":
+            assert len(rows) <= 4
+        elif batch is not batches[-1]:
+            assert sum(len(docs) for docs in rows) == 4  # flatten: the unpacked loader's examples per step
+    expected = _expected_documents(spec)
+    assert seen == expected  # every example exactly once, with its labels
+    assert samples == sum(expected.values()) == 120
+    assert tokens == sum(len(ids) for ids, _ in expected)
+    assert loss_tokens == sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in expected)
+
+
+def test_finetuning_prompt_masking_and_multi_turn(data_dir):
+    cfg = _finetuning_yaml(data_dir, "budget")
+    cfg["dataset"].update(hf_kwargs={"data_files": f"{data_dir}/chat/train.jsonl"}, target_responses="all")
+    del cfg["dataset"]["preprocessing_fn"]
+    tok = tokenizer()
+    spec = _build(cfg, device_batch_size=2)
+    batch = next(iter(spec.dataloader))
+    for docs in documents_of(batch):
+        for ids, labels in docs:
+            text = tok.decode(ids)
+            targets = tok.decode(labels[labels != IGNORE_INDEX])
+            # target_prompts none: no user turn is a target; target_responses all: every assistant one is.
+            assert text.count("<|im_start|>user") >= 1 and "user" not in targets
+            assert targets.count("<|im_end|>") == text.count("<|im_start|>assistant") or len(ids) == SEQ
+
+
+def test_text_loader_tokens_and_text_columns(data_dir):
+    tok = tokenizer()
+    cfg = {
+        "name": "padfree_text",
+        "dataset": {"local": str(data_dir / "tokens"), "split": "train", "shuffle": False, "max_seq_len": 64},
+        "num_workers": 0,
+    }
+    cfg["dataset"]["eos_token_id"] = tok.eos_token_id
+    spec = _build(cfg, device_batch_size=3)
+    stream = []
+    for batch in spec.dataloader:
+        for docs in documents_of(batch):
+            for ids, labels in docs:
+                stream += ids.tolist()
+                assert (ids[:-1] != tok.eos_token_id).all() and (labels[1:] == ids[1:]).all()
+        assert spec.get_num_samples_in_batch(batch) == batch["input_ids"].shape[0]  # text: a sample is a row
+    full = token_stream(300, tok.eos_token_id)
+    assert stream == full[: len(stream)] and len(stream) == (len(full) - 1) // 64 * 64
+
+    cfg = {
+        "name": "padfree_text",
+        "dataset": {"local": str(data_dir / "text"), "split": "train", "shuffle": False, "max_seq_len": 64},
+    }
+    batch = next(iter(_build(cfg, device_batch_size=4).dataloader))
+    assert [len(docs) for docs in documents_of(batch)] == [1, 1, 1, 1]  # one text per row, padding not a document
+    assert batch["total_tokens"] == batch["attention_mask"].sum(1).tolist() and min(batch["total_tokens"]) < 64
+
+
+def test_streaming_finetuning_with_a_worker(data_dir, tmp_path):
+    cfg = {
+        "name": "padfree_finetuning",
+        "dataset": {
+            "remote": str(data_dir / "sft_mds"),
+            "local": str(tmp_path / "cache"),
+            "split": "train",
+            "shuffle": True,
+            "max_seq_len": SEQ,
+            "decoder_only_format": True,
+        },
+        "num_workers": 1,
+        "persistent_workers": False,
+    }
+    spec = _build(cfg, device_batch_size=4)
+    seen = collections.Counter()
+    for batch in spec.dataloader:
+        for docs in documents_of(batch):
+            seen.update((tuple(ids.tolist()), tuple(labels.tolist())) for ids, labels in docs)
+    assert seen == _expected_documents(spec) and sum(seen.values()) == 50
+
+
+@pytest.mark.parametrize("loader", ["finetuning", "text"])
+def test_batch_feeds_the_model_and_documents_stay_apart(data_dir, loader):
+    if loader == "finetuning":
+        spec = _build(_finetuning_yaml(data_dir, "budget"), device_batch_size=2)
+    else:
+        dataset = {"local": str(data_dir / "tokens"), "split": "train", "max_seq_len": 64, "eos_token_id": 2}
+        spec = _build({"name": "padfree_text", "dataset": dataset}, device_batch_size=2)
+    batch = next(iter(spec.dataloader))
+    model = tiny_model(vocab_size=len(tokenizer()), max_position_embeddings=SEQ)
+    keys = ("input_ids", "attention_mask", "position_ids", "sequence_id", "labels")
+    with torch.no_grad():
+        packed = model(**{k: batch[k] for k in keys}, loss_reduction="sum")
+        alone = sum(
+            model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]), loss_reduction="sum").loss
+            for docs in documents_of(batch)
+            for ids, labels in docs
+        )
+    assert torch.isfinite(packed.loss) and packed.num_loss_tokens == sum(batch["loss_generating_tokens"])
+    torch.testing.assert_close(packed.loss, alone, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["budget", "flatten"])
+def test_dataloader_state_round_trip_gives_the_next_batch(data_dir, mode):
+    cfg = _finetuning_yaml(data_dir, mode)
+    first = _build(cfg, device_batch_size=3)
+    first.dataloader.batch_sampler.set_epoch(1)
+    batches = list(first.dataloader)
+    done = 4
+    state = first.dataloader.dataset.state_dict(sum(first.get_num_samples_in_batch(b) for b in batches[:done]), True)
+    resumed = _build(cfg, device_batch_size=3)
+    resumed.dataloader.dataset.load_state_dict(state)
+    resumed.dataloader.batch_sampler.set_epoch(1)
+    rest = list(resumed.dataloader)
+    assert len(rest) == len(batches) - done
+    for a, b in zip(rest, batches[done:]):
+        assert a.keys() == b.keys() and all(
+            torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a
+        )
+
+
+class _Recorder(Callback):
+    """Records each training batch's input_ids and the gradients after the last backward."""
+
+    def __init__(self):
+        self.input_ids: list[torch.Tensor] = []
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def after_dataloader(self, state, logger):
+        self.input_ids.append(state.batch["input_ids"].clone())
+
+    def after_backward(self, state, logger):
+        self.grads = {n: p.grad.detach().clone() for n, p in state.model.named_parameters() if p.grad is not None}
+
+
+def _trainer(spec, microbatch: int, **kwargs) -> tuple[Trainer, _Recorder]:
+    model = tiny_model(seed=3, vocab_size=len(tokenizer()), max_position_embeddings=SEQ).train()
+    recorder = _Recorder()
+    trainer = Trainer(
+        model=HuggingFaceModel(model, use_logits=True),
+        train_dataloader=spec,
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+        device="cpu",
+        precision="fp32",
+        seed=0,
+        device_train_microbatch_size=microbatch,
+        accumulate_train_batch_on_tokens=True,
+        callbacks=[recorder],
+        progress_bar=False,
+        log_to_console=False,
+        loggers=[],
+        **kwargs,
+    )
+    return trainer, recorder
+
+
+@pytest.mark.parametrize("mode", ["budget", "flatten"])
+def test_microbatching_matches_whole_batch(data_dir, mode):
+    results = []
+    for microbatch in (8, 1):
+        trainer, recorder = _trainer(_build(_finetuning_yaml(data_dir, mode), 4), microbatch, max_duration="1ba")
+        trainer.fit()
+        results.append((trainer.state.total_loss_dict["loss/train/total"], recorder.grads, recorder.input_ids[0]))
+    (loss_a, grads_a, ids_a), (loss_b, grads_b, ids_b) = results
+    assert ids_a.shape[0] > 1 and torch.equal(ids_a, ids_b)
+    assert abs(loss_a - loss_b) < 1e-6
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_composer_checkpoint_restores_the_exact_next_batch(data_dir, tmp_path):
+    cfg = _finetuning_yaml(data_dir, "budget")
+    run, recorded = _trainer(
+        _build(cfg, 3),
+        3,
+        max_duration="3ba",
+        save_folder=str(tmp_path),
+        save_interval="2ba",
+        save_filename="ba{batch}.pt",
+    )
+    run.fit()
+    resumed, replayed = _trainer(_build(cfg, 3), 3, max_duration="3ba", load_path=str(tmp_path / "ba2.pt"))
+    resumed.fit()
+    assert resumed.state.dataset_resumption.get("train") is True  # our state, not Composer's spinning
+    assert len(replayed.input_ids) == 1 and torch.equal(replayed.input_ids[0], recorded.input_ids[2])
+
+
+def test_bad_input_gives_clear_errors(data_dir, tmp_path):
+    cfg = _finetuning_yaml(data_dir, "budget")
+    cases = [
+        ({"packing_buffer": 8}, "unknown option\\(s\\) \\['packing_buffer'\\]"),
+        ({"dataset": {**cfg["dataset"], "max_seqlen": 64}}, "unknown key\\(s\\) \\['max_seqlen'\\]"),
+        ({"dataset": {**cfg["dataset"], "max_seq_len": 1}}, "max_seq_len = 1"),
+        ({"dataset": {**cfg["dataset"], "packing_ratio": 4.0}}, "packing_ratio = 4.0 is LLM-Foundry's"),
+        ({"dataset": {**cfg["dataset"], "decoder_only_format": False}}, "decoder_only_format = False"),
+        ({"packing_mode": "greedy"}, "packing_mode = 'greedy'"),
+        ({"max_tokens_per_row": 64}, "max_tokens_per_row = 64 is below dataset.max_seq_len = 128"),
+    ]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            _build({**cfg, **change}, 2)
+
+    text = {"name": "padfree_text", "dataset": {"local": str(data_dir / "tokens"), "split": "train", "max_seq_len": 64}}
+    with pytest.raises(ValueError, match="eos_token_id=5 does not match the eos_token_id of the tokenizer=2"):
+        _build({**text, "dataset": {**text["dataset"], "eos_token_id": 5}}, 2)
+    with pytest.raises(ValueError, match=r"mlm_probability = 0\.15"):
+        _build({**text, "dataset": {**text["dataset"], "mlm_probability": 0.15}}, 2)
+    with pytest.raises(ValueError, match="max_seq_len = 1"):
+        _build({**text, "dataset": {**text["dataset"], "max_seq_len": 1}}, 2)
+
+    # Streaming data is not filtered by LLM-Foundry: an empty response is an error naming the example.
+    write_mds(
+        tmp_path / "bad" / "train",
+        {"prompt": "str", "response": "str"},
+        [{"prompt": "a b", "response": "c"}, {"prompt": "d", "response": ""}],
+    )
+    dataset = {
+        "remote": str(tmp_path / "bad"),
+        "local": str(tmp_path / "cache"),
+        "split": "train",
+        "max_seq_len": 64,
+        "decoder_only_format": True,
+    }
+    with pytest.raises(ValueError, match="example 1 has an empty turn"):
+        _build({"name": "padfree_finetuning", "dataset": dataset}, 2)

@@ -1,0 +1,179 @@
+"""The packer and the batch sampler: hand-checked packings, coverage and shape properties over random
+lengths, modes and rank counts, determinism, and exact resumption."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from foundry_padfree.data.packing import EpochPlan, PackedBatchSampler, PackedDataset, pack_rows
+
+
+@pytest.mark.parametrize(
+    "lengths, capacity, buffer_size, rows",
+    [
+        # Whole input buffered: longest first (6), best fit for the 2 left (2); then 5 + 3; then 4.
+        ([5, 3, 4, 2, 6], 8, 5, [[4, 3], [0, 1], [2]]),
+        # A buffer of one is next-fit in input order.
+        ([5, 3, 4, 2, 6], 8, 1, [[0, 1], [2, 3], [4]]),
+        # Equal lengths: the item that came first goes first.
+        ([3, 3, 3], 6, 3, [[0, 1], [2]]),
+        # A late small item fills an early gap only if it is within the buffer's reach.
+        ([7, 4, 4, 1], 8, 2, [[0], [1, 2], [3]]),
+        ([7, 4, 4, 1], 8, 4, [[0, 3], [1, 2]]),
+    ],
+)
+def test_pack_rows_by_hand(lengths, capacity, buffer_size, rows):
+    assert pack_rows(lengths, capacity, buffer_size) == rows
+
+
+def test_pack_rows_errors():
+    with pytest.raises(ValueError, match="item 1 has 0 tokens, outside \\[1, 8\\]"):
+        pack_rows([3, 0], 8, 4)
+    with pytest.raises(ValueError, match="item 0 has 9 tokens"):
+        pack_rows([9], 8, 4)
+    with pytest.raises(ValueError, match="packing_buffer_size = 0"):
+        pack_rows([3], 8, 0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=200), st.integers(50, 120), st.integers(1, 64))
+def test_pack_rows_property(lengths, capacity, buffer_size):
+    rows = pack_rows(lengths, capacity, buffer_size)
+    assert sorted(p for row in rows for p in row) == list(range(len(lengths)))  # each item exactly once
+    assert all(row and sum(lengths[p] for p in row) <= capacity for row in rows)
+    assert rows == pack_rows(lengths, capacity, buffer_size)  # deterministic
+    # A row closes only when nothing buffered fits or the input is used up: with items of at most
+    # half a row, only the last row can be half empty.
+    if max(lengths) <= capacity // 2:
+        assert sum(sum(lengths[p] for p in row) <= capacity // 2 for row in rows) <= 1
+
+
+def _sampler(lengths, mode="budget", dbs=2, capacity=64, buffer_size=16, shuffle=True, seed=0, world=1, rank=0):
+    return PackedBatchSampler(
+        lengths,
+        mode=mode,
+        device_batch_size=dbs,
+        row_capacity=capacity,
+        buffer_size=buffer_size,
+        shuffle=shuffle,
+        seed=seed,
+        num_replicas=world,
+        rank=rank,
+    )
+
+
+def _check_plan(plan: EpochPlan, sampler: PackedBatchSampler, lengths: list[int]) -> None:
+    world, dbs = sampler.num_replicas, sampler.device_batch_size
+    assert len(plan.batches) == len(sampler)
+    counts = collections.Counter(i for step in plan.batches for rows in step for row in rows for i in row)
+    assert set(counts) == set(range(len(lengths)))  # nothing dropped
+    assert sum(counts.values()) == len(lengths) + plan.repeated
+    for g, step in enumerate(plan.batches):
+        assert len(step) == world
+        for rows in step:
+            assert rows and all(row for row in rows), f"step {g}: a rank has an empty batch"
+            assert all(sum(lengths[i] for i in row) <= sampler.row_capacity for row in rows)
+            if sampler.mode == "budget":
+                assert len(rows) <= dbs
+            elif g < len(plan.batches) - 1:
+                assert sum(len(row) for row in rows) == dbs  # flatten: the unpacked loader's examples per step
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 64), min_size=1, max_size=120),
+    mode=st.sampled_from(["budget", "flatten"]),
+    dbs=st.integers(1, 5),
+    world=st.integers(1, 4),
+    shuffle=st.booleans(),
+    epoch=st.integers(0, 3),
+)
+def test_sampler_plan_property(lengths, mode, dbs, world, shuffle, epoch):
+    samplers = [_sampler(lengths, mode, dbs, world=world, rank=r, shuffle=shuffle) for r in range(world)]
+    for sampler in samplers:
+        sampler.set_epoch(epoch)
+    plan = samplers[0].plan(epoch)
+    _check_plan(plan, samplers[0], lengths)
+    assert plan.repeated < world  # only to give every rank a row at the last step
+    # Every rank iterates the same number of steps (no DDP hang), and exactly its share of the plan.
+    for r, sampler in enumerate(samplers):
+        keys = list(sampler)
+        assert len(keys) == len(sampler) == len(plan.batches)
+        for step, batch_keys in zip(plan.batches, keys):
+            assert batch_keys == [(i, row) for row, docs in enumerate(step[r]) for i in docs]
+    assert len(samplers[0]) == len(_sampler(lengths, mode, dbs, world=world, shuffle=shuffle))  # same every epoch
+
+
+def test_flatten_keeps_examples_per_step_of_the_unpacked_loader():
+    lengths = [10, 50, 30, 30, 5, 60, 20, 40, 1]
+    sampler = _sampler(lengths, "flatten", dbs=4, shuffle=False)
+    steps = [sorted(i for row in step[0] for i in row) for step in sampler.plan(0).batches]
+    assert steps == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    # Rows of 64 tokens: [50, 10] [30, 30]; [60] [40, 20] [5] (60 + 5 does not fit); [1].
+    assert [len(step[0]) for step in sampler.plan(0).batches] == [2, 3, 1]
+
+
+def test_budget_fills_the_token_budget():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, size=2000).tolist()
+    sampler = _sampler(lengths, "budget", dbs=4, capacity=512, buffer_size=256)
+    rows = [row for step in sampler.plan(0).batches for rows in step for row in rows]
+    assert sum(lengths) / (len(rows) * 512) > 0.99
+    assert all(len(step[0]) == 4 for step in sampler.plan(0).batches[:-1])
+
+
+def test_determinism_and_epochs():
+    lengths = list(np.random.default_rng(1).integers(1, 64, size=100))
+    for mode in ("budget", "flatten"):
+        a, b = _sampler(lengths, mode, seed=5), _sampler(lengths, mode, seed=5)
+        assert a.plan(0) == b.plan(0) and a.plan(1) == b.plan(1)
+        assert a.plan(0) != a.plan(1)  # reshuffled every epoch
+        assert a.plan(0) != _sampler(lengths, mode, seed=6).plan(0)
+
+
+@pytest.mark.parametrize("mode", ["budget", "flatten"])
+@pytest.mark.parametrize("world", [1, 3])
+def test_resume_gives_the_exact_next_batches(mode, world):
+    lengths = list(np.random.default_rng(2).integers(1, 64, size=150))
+    epoch, done = 2, 3
+    plan = _sampler(lengths, mode, world=world).plan(epoch)
+    examples_done = sum(plan.examples_per_step()[:done])  # what Composer's sample_in_epoch holds
+    for rank in range(world):
+        original = _sampler(lengths, mode, world=world, rank=rank)
+        original.set_epoch(epoch)
+        expected = list(original)[done:]
+        state = PackedDataset(list(range(150)), original).state_dict(examples_done, True)
+        resumed = _sampler(lengths, mode, world=world, rank=rank)
+        PackedDataset(list(range(150)), resumed).load_state_dict(state)
+        resumed.set_epoch(epoch)
+        assert list(resumed) == expected
+        assert len(list(resumed)) == len(resumed)  # the resume point is used once; next epoch is whole
+
+
+def test_resume_errors():
+    lengths = [5, 9, 30, 12, 40, 3]
+    sampler = _sampler(lengths, "flatten", dbs=2)
+    state = sampler.state_dict(3)  # steps end at 2, 4, 6 examples
+    fresh = _sampler(lengths, "flatten", dbs=2)
+    fresh.load_state_dict(state)
+    with pytest.raises(ValueError, match="3 examples into epoch 0, which is not a step boundary"):
+        list(fresh)
+    other = _sampler(lengths, "flatten", dbs=3)
+    with pytest.raises(ValueError, match="packing plan fingerprint"):
+        other.load_state_dict(state)
+
+
+def test_sampler_argument_errors():
+    with pytest.raises(ValueError, match="packing_mode = 'pack'"):
+        _sampler([3], mode="pack")
+    with pytest.raises(ValueError, match="example 1 has 65 tokens, outside \\[1, 64\\]"):
+        _sampler([3, 65])
+    with pytest.raises(ValueError, match="device_batch_size = 0"):
+        _sampler([3], dbs=0)
+    with pytest.raises(ValueError, match="no examples"):
+        _sampler([])
