@@ -1,0 +1,760 @@
+"""Verification callbacks: show, on live training batches, that training is really padding-free.
+
+Shape legend: B batch rows, S row length, T real tokens, V vocabulary.
+
+Four Composer callbacks, registered in LLM-Foundry's `callbacks` registry (entry points
+`llmfoundry_callbacks`). Each logs through Composer's loggers under `padfree/<name>/...`, keeps its
+latest values in `.summary`, and with `strict: true` raises `PadFreeCheckError` instead of only
+logging. None of them writes to the batch or the training state: probe forwards run on copies,
+under `torch.no_grad()`, in eval mode (restored after), without randomness. On batches where
+their interval is not due they do nothing but compare two integers.
+
+YAML (`callbacks:` section; `interval` counts optimizer steps, the first batch is always due):
+
+    padfree_audit:     {interval: 100, strict: false}
+    padfree_isolation: {interval: 500, strict: false, atol: 0.0, max_rows: 2}
+    padfree_parity:    {interval: 500, strict: false, max_rows: 2, loss_atol: null, logits_rtol: null}
+    padfree_stats:     {interval: 10}
+
+- `padfree_audit` checks a due batch and the training forward that runs on it: document
+  boundaries, positions and labels are consistent (and `loss_generating_tokens`/`total_tokens`,
+  which Composer uses to weigh microbatches and count tokens/s, match what the model does); the
+  model unpadded exactly once; the embedding saw `[T]` real-token ids; every layer's attention
+  ran the varlen kernel once, on `[T,...]` tokens, with the very same `cu_seqlens` tensor that
+  the one unpad built; documents, positions and the number of loss targets are the ones the batch
+  describes. The forward is observed with hooks installed for that forward only.
+- `padfree_isolation` perturbs the tokens of one document of a live batch (the first of the row
+  with the most documents, so later documents of the same row are downstream of it) and compares
+  every other document's logits: max |delta| must be <= `atol` (exactly 0 with deterministic
+  kernels, the default).
+- `padfree_parity` runs a live batch through the model and through stock HF `LlamaForCausalLM`
+  with the same weights on the conventional padded layout (one document per row, right
+  padding), and compares loss and logits. Default tolerances follow the training precision:
+  fp32 `loss_atol=1e-4, logits_rtol=1e-4`; bf16/fp16 `loss_atol=5e-2, logits_rtol=5e-2`
+  (`logits_rtol` is max |delta| over the largest |logit| of the reference).
+- `padfree_stats` logs real-token fraction, padding positions skipped, the padding a
+  one-document-per-row padded batch would have had, documents per row, max_seqlen, and, timing the
+  due batch (with a device sync at its start and end), real tokens/s, FLOP/s and MFU from the
+  model's real-token FLOP count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from composer.callbacks.speed_monitor import get_gpu_flops_available
+from composer.core import Callback, Precision, State
+from composer.core.precision import get_precision_context
+from composer.loggers import Logger
+from composer.utils import model_eval_mode
+from torch import Tensor, nn
+
+import foundry_padfree.modeling as modeling
+from foundry_padfree.attention import BACKENDS
+from foundry_padfree.composer_model import ComposerPadFreeCausalLM
+from foundry_padfree.varlen import IGNORE_INDEX, Unpadded
+
+log = logging.getLogger(__name__)
+
+# Inputs a probe forward passes on; labels only where the probe needs a loss.
+_PROBE_KEYS = ("input_ids", "attention_mask", "sequence_id", "position_ids")
+# Prefixes FSDP and activation checkpointing add to parameter names.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+class PadFreeCheckError(RuntimeError):
+    """A verification callback with `strict: true` found the run not padding-free or not exact."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a batch on the host, independently of the model's own `unpad`: the audit's oracle.
+
+
+class Document(NamedTuple):
+    row: int
+    start: int  # first column of the document in its row
+    end: int  # one past its last column
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class BatchDocs:
+    """The documents of a `[B,S]` batch as the batch itself describes them, and what is wrong with it."""
+
+    docs: list[Document]
+    shape: tuple[int, int]
+    problems: list[str] = field(default_factory=list)
+    targets_per_row: list[int] | None = None  # next-token targets inside documents, when labels exist
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(d.length for d in self.docs)
+
+    @property
+    def doc_lens(self) -> tuple[int, ...]:
+        return tuple(d.length for d in self.docs)
+
+    def positions(self) -> np.ndarray:
+        """(T,) int64: position of each real token in its document, in row-major token order."""
+        return np.concatenate([np.arange(d.length) for d in self.docs]) if self.docs else np.zeros(0, np.int64)
+
+
+def read_batch(batch: Mapping[str, Any]) -> BatchDocs:
+    """Find the documents of a batch and check that its keys agree with each other.
+
+    Args:
+        batch: `input_ids` (B, S) and any of `attention_mask` (B, S; 1 real), `sequence_id` (B, S;
+            0..k-1 per row, -1 on padding), `position_ids` (B, S; restart at 0 per document),
+            `labels` (B, S; unshifted, IGNORE_INDEX = no target), per-row lists `total_tokens` and
+            `loss_generating_tokens`.
+
+    Returns:
+        The documents, in row-major order, and a list of human-readable problems (empty if none).
+    """
+    ids = batch["input_ids"]
+    B, S = ids.shape
+    host = {k: batch[k].detach().cpu().numpy() for k in (*_PROBE_KEYS, "labels") if batch.get(k) is not None}
+    problems: list[str] = []
+    real = np.ones((B, S), dtype=bool)
+    if "attention_mask" in host:
+        real &= host["attention_mask"] != 0
+    if "sequence_id" in host:
+        seq = host["sequence_id"]
+        real &= seq >= 0
+        if "attention_mask" in host and not np.array_equal(host["attention_mask"] != 0, seq >= 0):
+            r = int(np.argwhere((host["attention_mask"] != 0) != (seq >= 0))[0][0])
+            problems.append(f"row {r}: attention_mask and sequence_id disagree on which tokens are padding")
+
+    docs: list[Document] = []
+    for r in range(B):
+        cols = np.flatnonzero(real[r])
+        if len(cols) == 0:
+            problems.append(f"row {r} has no real tokens")
+            continue
+        if cols[-1] - cols[0] + 1 != len(cols):
+            problems.append(f"row {r} has padding between real tokens")
+            continue
+        lo, hi = int(cols[0]), int(cols[-1]) + 1
+        new_doc = np.zeros(hi - lo, dtype=bool)
+        new_doc[0] = True
+        if "sequence_id" in host:
+            seq_r = host["sequence_id"][r, lo:hi]
+            if (np.diff(seq_r) < 0).any():
+                problems.append(f"row {r}: sequence_id decreases")
+            new_doc[1:] |= np.diff(seq_r) != 0
+        if "position_ids" in host:
+            pos_r = host["position_ids"][r, lo:hi]
+            if "sequence_id" in host and not np.array_equal(pos_r[1:] == 0, new_doc[1:]):
+                problems.append(f"row {r}: position_ids do not restart exactly where sequence_id changes")
+            new_doc[1:] |= pos_r[1:] == 0
+        starts = lo + np.flatnonzero(new_doc)
+        ends = np.append(starts[1:], hi)
+        row_docs = [Document(r, int(s), int(e)) for s, e in zip(starts, ends)]
+        if "position_ids" in host:
+            for d in row_docs:
+                if not np.array_equal(host["position_ids"][r, d.start : d.end], np.arange(d.length)):
+                    problems.append(f"row {r}: position_ids of the document at columns {d.start}..{d.end - 1} "
+                                    "are not 0, 1, 2, ...")  # fmt: skip
+                    break
+        docs.extend(row_docs)
+
+    targets_per_row = None
+    if "labels" in host:
+        labels = host["labels"]
+        if (labels[~real] != IGNORE_INDEX).any():
+            r, c = (int(v) for v in np.argwhere((labels != IGNORE_INDEX) & ~real)[0])
+            problems.append(f"labels[{r}, {c}] = {int(labels[r, c])} is on padding; padding labels must be -100")
+        targets_per_row = [0] * B
+        for d in docs:
+            targets_per_row[d.row] += int((labels[d.row, d.start + 1 : d.end] != IGNORE_INDEX).sum())
+        # Composer weighs microbatches by this count (accumulate_train_batch_on_tokens).
+        if isinstance(batch.get("loss_generating_tokens"), list):
+            for r, (given, actual) in enumerate(zip(batch["loss_generating_tokens"], targets_per_row)):
+                if int(given) != actual:
+                    problems.append(
+                        f"loss_generating_tokens[{r}] = {int(given)} but the model trains on {actual} targets in "
+                        f"row {r} (labels at document starts must be -100)"
+                    )
+                    break
+    # SpeedMonitor's tokens/s counts these; padding in them would inflate it.
+    if isinstance(batch.get("total_tokens"), list):
+        real_per_row = real.sum(axis=1)
+        for r, given in enumerate(batch["total_tokens"]):
+            if int(given) != int(real_per_row[r]):
+                problems.append(f"total_tokens[{r}] = {int(given)} but row {r} has {int(real_per_row[r])} real tokens")
+                break
+    return BatchDocs(docs, (B, S), problems, targets_per_row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared plumbing.
+
+
+def _composer_model(state: State) -> ComposerPadFreeCausalLM:
+    model = state.model
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model  # type: ignore[return-value]
+
+
+def _check_model(state: State, callback: str) -> None:
+    model = _composer_model(state)
+    if not isinstance(model, ComposerPadFreeCausalLM):
+        raise TypeError(f"{callback} verifies padfree_causal_lm models; this run's model is {type(model).__name__}.")
+
+
+def _interval(value: int, name: str) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: interval={value!r} must be a positive number of batches.")
+    return value
+
+
+def _due(state: State, interval: int, batch_finished: bool = False) -> bool:
+    """Whether the current batch (0-based) is a multiple of `interval`. At `BATCH_END` Composer has
+    already counted the current batch in `timestamp.batch`."""
+    index = int(state.timestamp.batch) - int(batch_finished)
+    return index % interval == 0
+
+
+def _probe_batch(batch: Mapping[str, Any], rows: list[int], with_labels: bool = False) -> dict[str, Tensor]:
+    keys = _PROBE_KEYS + (("labels",) if with_labels else ())
+    index = torch.tensor(rows, device=batch["input_ids"].device)
+    return {k: batch[k].index_select(0, index) for k in keys if batch.get(k) is not None}
+
+
+def _pick_rows(docs: BatchDocs, max_rows: int) -> list[int]:
+    """The row with the most documents first, then the other rows in order, `max_rows` at most."""
+    if not docs.docs:
+        raise ValueError(f"the batch has no documents to probe: {'; '.join(docs.problems)}")
+    per_row = np.bincount([d.row for d in docs.docs], minlength=docs.shape[0])
+    first = int(per_row.argmax())
+    others = [r for r in range(docs.shape[0]) if r != first and per_row[r] > 0]
+    return [first, *others[: max_rows - 1]]
+
+
+@contextlib.contextmanager
+def _probe_mode(state: State) -> Iterator[None]:
+    """No gradients, eval mode (restored after), the training precision."""
+    with torch.no_grad(), model_eval_mode(state.model), get_precision_context(state.precision, state.precision_config):
+        yield
+
+
+class _ProbeClock:
+    """Seconds spent in probe forwards, so `padfree_stats` can leave them out of a batch's time
+    whichever order the callbacks run in at `BATCH_END`."""
+
+    seconds = 0.0
+
+    @classmethod
+    @contextlib.contextmanager
+    def measure(cls, state: State) -> Iterator[None]:
+        _sync(state)  # the training step's queued kernels belong to the step, not the probe
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(state)
+            cls.seconds += time.perf_counter() - start
+
+
+def _report(callback: str, problems: list[str], strict: bool) -> None:
+    if not problems:
+        return
+    message = f"{callback}: " + "; ".join(problems)
+    if strict:
+        raise PadFreeCheckError(message)
+    log.warning(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# padfree_audit
+
+
+@dataclass
+class _ForwardRecord:
+    unpads: list[Unpadded] = field(default_factory=list)
+    embed_inputs: list[tuple[int, ...]] = field(default_factory=list)
+    layer_inputs: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, x shape)
+    attends: list[tuple[int, str, Any, tuple[int, ...]]] = field(default_factory=list)  # layer, backend, meta, q
+
+
+class PadFreeAudit(Callback):
+    """Check a due batch and the training forward on it (see the module docstring).
+
+    Args:
+        interval: audit the forwards of every `interval`-th batch (all its microbatches), from the first.
+        strict: raise `PadFreeCheckError` on the first failed check instead of logging it.
+
+    Raises:
+        TypeError: at init, if the run's model is not `padfree_causal_lm`.
+        PadFreeCheckError: with `strict`, when a check fails.
+    """
+
+    def __init__(self, interval: int = 100, strict: bool = False):
+        self.interval = _interval(interval, "padfree_audit")
+        self.strict = strict
+        self.summary: dict[str, float] = {"forwards_audited": 0, "checks_failed": 0}
+        self._record: _ForwardRecord | None = None
+        self._batch_docs: BatchDocs | None = None
+        self._cleanup: contextlib.ExitStack | None = None
+
+    def init(self, state: State, logger: Logger) -> None:
+        _check_model(state, "padfree_audit")
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        model = _composer_model(state)
+        device = next(model.parameters()).device
+        backend = model.model.model.attention_backend(device)
+        logger.log_hyperparameters({"padfree/attn_backend": backend.name})
+
+    def before_forward(self, state: State, logger: Logger) -> None:
+        if not _due(state, self.interval):
+            return
+        self._batch_docs = read_batch(state.batch)
+        self._record = _ForwardRecord()
+        self._cleanup = contextlib.ExitStack()
+        self._cleanup.enter_context(_instrument(_composer_model(state), self._record))
+
+    def after_forward(self, state: State, logger: Logger) -> None:
+        if self._record is None:
+            return
+        self._uninstall()
+        record, docs = self._record, self._batch_docs
+        self._record = self._batch_docs = None
+        assert docs is not None, "padfree_audit: forward record without the batch it belongs to"
+        forward_problems, varlen_layers = _check_forward(state, record, docs)
+        problems = docs.problems + forward_problems
+        self.summary["forwards_audited"] += 1
+        self.summary["checks_failed"] += len(problems)
+        metrics = {
+            "padfree/audit/passed": float(not problems),
+            "padfree/audit/checks_failed": float(len(problems)),
+            "padfree/audit/forwards_audited": self.summary["forwards_audited"],
+            "padfree/audit/unpad_calls": float(len(record.unpads)),
+            "padfree/audit/varlen_layers": float(varlen_layers),
+            "padfree/audit/num_layers": float(_composer_model(state).config.num_hidden_layers),
+            "padfree/audit/real_tokens": float(docs.num_tokens),
+            "padfree/audit/documents": float(len(docs.docs)),
+        }
+        self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k != "padfree/audit/checks_failed"})
+        logger.log_metrics(metrics)
+        _report("padfree_audit", problems, self.strict)
+
+    def close(self, state: State, logger: Logger) -> None:
+        self._uninstall()
+
+    def _uninstall(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup.close()
+            self._cleanup = None
+
+
+def _check_forward(state: State, record: _ForwardRecord, docs: BatchDocs) -> tuple[list[str], int]:
+    """What is wrong with the recorded forward, and in how many layers the varlen kernel ran right."""
+    inner = _composer_model(state).model
+    L, T = _composer_model(state).config.num_hidden_layers, docs.num_tokens
+    varlen_layers = 0
+    problems = []
+    if len(record.unpads) != 1:
+        problems.append(f"the forward unpadded {len(record.unpads)} times; it must unpad exactly once")
+    if record.embed_inputs != [(T,)]:
+        problems.append(f"the embedding saw inputs of shapes {record.embed_inputs}; expected one [T] = [{T}] call")
+    layers_seen = [layer for layer, _ in record.layer_inputs]
+    if sorted(layers_seen) != list(range(L)):
+        problems.append(f"decoder layers ran as {layers_seen}; expected each of the {L} layers once")
+    padded = [(layer, shape) for layer, shape in record.layer_inputs if len(shape) != 2 or shape[0] != T]
+    if padded:
+        problems.append(f"decoder layer inputs were not [T, D] = [{T}, D] in (layer, shape) {padded[:3]}")
+    if not record.unpads:
+        return problems, varlen_layers
+    meta = record.unpads[0].meta
+    expected_backend = inner.model.attention_backend(meta.cu_seqlens_N1.device).name
+    for layer, backend, attend_meta, q_shape in record.attends:
+        same_meta = attend_meta.cu_seqlens_N1 is meta.cu_seqlens_N1 and attend_meta.doc_lens == meta.doc_lens
+        if backend == expected_backend and backend in BACKENDS and same_meta and q_shape[0] == T:
+            varlen_layers += 1
+        elif not same_meta:
+            problems.append(f"layer {layer} attended with different varlen metadata than the one unpad built")
+        else:
+            problems.append(f"layer {layer} ran backend {backend!r} on q of shape {q_shape} "
+                            f"(expected {expected_backend!r} on [{T}, ...])")  # fmt: skip
+    if len(record.attends) != L:
+        problems.append(f"the varlen kernel ran {len(record.attends)} times; expected once in each of {L} layers")
+    if meta.doc_lens != docs.doc_lens:
+        problems.append(f"the model saw documents of lengths {list(meta.doc_lens)[:8]}...; the batch has "
+                        f"{list(docs.doc_lens)[:8]}...")  # fmt: skip
+    elif not np.array_equal(meta.position_ids_T.cpu().numpy(), docs.positions()):
+        problems.append("RoPE positions differ from 0, 1, 2, ... within each document")
+    if meta.max_seqlen != max(docs.doc_lens, default=0):
+        problems.append(f"max_seqlen = {meta.max_seqlen}, longest document = {max(docs.doc_lens, default=0)}")
+    num_loss_tokens = getattr(state.outputs, "num_loss_tokens", None)
+    expected_targets = sum(docs.targets_per_row) if docs.targets_per_row is not None else None
+    if num_loss_tokens is not None and expected_targets is not None and int(num_loss_tokens) != expected_targets:
+        problems.append(f"the loss was taken over {int(num_loss_tokens)} targets; the batch's labels have "
+                        f"{expected_targets} within documents")  # fmt: skip
+    return problems, varlen_layers
+
+
+@contextlib.contextmanager
+def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
+    """Observe one forward: count `unpad` calls, embedding and attention inputs, and kernel calls.
+
+    The decoder-layer pre-hook hands the layer a `Backend` whose `attend` records its call and
+    then runs the original kernel on the same arguments: outputs and gradients are unchanged.
+    (Hooks on the layer also fire through FSDP and activation-checkpointing wrappers.)
+    """
+    layers = [m for m in model.modules() if isinstance(m, modeling.PadFreeDecoderLayer)]
+    embeddings = [m for m in model.modules() if isinstance(m, modeling.PadFreeLlamaModel)]
+
+    def on_embed(module: nn.Module, args: tuple) -> None:
+        record.embed_inputs.append(tuple(args[0].shape))
+
+    def on_layer(layer: modeling.PadFreeDecoderLayer, args: tuple) -> tuple:
+        x_TD, meta, rope, backend = args
+        index = layer.self_attn.layer_idx
+        record.layer_inputs.append((index, tuple(x_TD.shape)))
+
+        def attend(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, meta_: Any, scale: float) -> Tensor:
+            record.attends.append((index, backend.name, meta_, tuple(q_TNH.shape)))
+            return backend.attend(q_TNH, k_TKH, v_TKH, meta_, scale)
+
+        return (x_TD, meta, rope, backend._replace(attend=attend))
+
+    def counting_unpad(*args: Any, **kwargs: Any) -> Unpadded:
+        out = original_unpad(*args, **kwargs)
+        record.unpads.append(out)
+        return out
+
+    handles = [e.embed_tokens.register_forward_pre_hook(on_embed) for e in embeddings]
+    handles += [layer.register_forward_pre_hook(on_layer) for layer in layers]
+    # The model calls `unpad` through its module's global; wrapping that one name for this forward
+    # is how the audit counts calls without a hook inside the model.
+    original_unpad = modeling.unpad
+    modeling.unpad = counting_unpad
+    try:
+        yield
+    finally:
+        modeling.unpad = original_unpad
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# padfree_isolation
+
+
+class PadFreeIsolation(Callback):
+    """Perturb one document of a live batch; every other document's logits must not move.
+
+    Args:
+        interval: probe every `interval`-th batch, from the first.
+        strict: raise `PadFreeCheckError` when another document's logits moved by more than `atol`.
+        atol: the largest |delta| allowed on other documents' logits (0: bit-identical).
+        max_rows: rows of the batch the probe uses (the row with the most documents first); the
+            probe holds two `[max_rows, S, V]` logit tensors.
+
+    Raises:
+        TypeError: at init, if the run's model is not `padfree_causal_lm`.
+        PadFreeCheckError: with `strict`, when isolation fails.
+    """
+
+    def __init__(self, interval: int = 500, strict: bool = False, atol: float = 0.0, max_rows: int = 2):
+        self.interval = _interval(interval, "padfree_isolation")
+        if max_rows < 1:
+            raise ValueError(f"padfree_isolation: max_rows={max_rows} must be >= 1.")
+        self.strict, self.atol, self.max_rows = strict, float(atol), max_rows
+        self.summary: dict[str, float] = {"probes": 0}
+
+    def init(self, state: State, logger: Logger) -> None:
+        _check_model(state, "padfree_isolation")
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not _due(state, self.interval, batch_finished=True):
+            return
+        docs = read_batch(state.batch)
+        rows = _pick_rows(docs, self.max_rows)
+        probe = _probe_batch(state.batch, rows)
+        row_docs = [d for d in docs.docs if d.row in rows]
+        target = next(d for d in row_docs if d.row == rows[0])  # the first document of the busiest row
+        r = rows.index(target.row)
+        vocab = _composer_model(state).config.vocab_size
+        perturbed = dict(probe, input_ids=probe["input_ids"].clone())
+        cols = slice(target.start, target.end)
+        # Every token of the document changes (a shift by half the vocabulary); nothing else does.
+        perturbed["input_ids"][r, cols] = (perturbed["input_ids"][r, cols] + vocab // 2) % vocab
+        with _ProbeClock.measure(state), _probe_mode(state):
+            # Two forwards on every rank, always, so FSDP ranks stay in step.
+            before = state.model(probe).logits
+            after = state.model(perturbed).logits
+            delta_BS = (after.float() - before.float()).abs().amax(dim=-1)
+        others = [d for d in row_docs if d != target]
+        other_mask = torch.zeros_like(delta_BS, dtype=torch.bool)
+        for d in others:
+            other_mask[rows.index(d.row), d.start : d.end] = True
+        other_diff = float(delta_BS[other_mask].max()) if others else 0.0
+        target_diff = float(delta_BS[r, cols].max())
+        same_row = sum(d.row == target.row for d in others)
+
+        problems = []
+        if other_diff > self.atol:
+            problems.append(f"perturbing document (row {target.row}, columns {target.start}..{target.end - 1}) "
+                            f"moved other documents' logits by up to {other_diff:.3g} > atol {self.atol}")  # fmt: skip
+        if target_diff == 0.0:
+            problems.append("the perturbed document's own logits did not change: the probe tested nothing")
+        self.summary["probes"] += 1
+        metrics = {
+            "padfree/isolation/passed": float(not problems),
+            "padfree/isolation/max_abs_diff_other_docs": other_diff,
+            "padfree/isolation/max_abs_diff_perturbed_doc": target_diff,
+            "padfree/isolation/documents_compared": float(len(others)),
+            "padfree/isolation/same_row_documents_compared": float(same_row),
+        }
+        self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items()})
+        logger.log_metrics(metrics)
+        _report("padfree_isolation", problems, self.strict)
+
+
+# ---------------------------------------------------------------------------------------------
+# padfree_parity
+
+
+class PadFreeParity(Callback):
+    """Compare the model on a live batch with stock HF `LlamaForCausalLM` on the padded layout.
+
+    The reference gets the model's current weights (gathered in full under FSDP) and one document
+    per right-padded row; both run under the training precision.
+
+    Args:
+        interval: compare every `interval`-th batch, from the first.
+        strict: raise `PadFreeCheckError` when a difference exceeds its tolerance.
+        max_rows: rows of the live batch compared (the row with the most documents first).
+        loss_atol: largest |loss difference| allowed; None: 1e-4 in fp32, 5e-2 otherwise.
+        logits_rtol: largest max|delta logits| / max|reference logits|; None: 1e-4 in fp32, 5e-2
+            otherwise.
+
+    Raises:
+        TypeError: at init, if the run's model is not `padfree_causal_lm`.
+        PadFreeCheckError: with `strict`, when parity fails.
+    """
+
+    def __init__(
+        self,
+        interval: int = 500,
+        strict: bool = False,
+        max_rows: int = 2,
+        loss_atol: float | None = None,
+        logits_rtol: float | None = None,
+    ):
+        self.interval = _interval(interval, "padfree_parity")
+        if max_rows < 1:
+            raise ValueError(f"padfree_parity: max_rows={max_rows} must be >= 1.")
+        self.strict, self.max_rows = strict, max_rows
+        self.loss_atol, self.logits_rtol = loss_atol, logits_rtol
+        self.summary: dict[str, float] = {"probes": 0}
+        self._reference: nn.Module | None = None
+
+    def init(self, state: State, logger: Logger) -> None:
+        _check_model(state, "padfree_parity")
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not _due(state, self.interval, batch_finished=True):
+            return
+        docs = read_batch(state.batch)
+        rows = _pick_rows(docs, self.max_rows)
+        probe = _probe_batch(state.batch, rows, with_labels=True)
+        if "labels" not in probe:
+            raise ValueError("padfree_parity compares losses and needs batches with labels.")
+        row_docs = [d for d in docs.docs if d.row in rows]
+        with _ProbeClock.measure(state):
+            loss_ours, loss_ref, logits_diff, logits_rel = self._compare(state, probe, rows, row_docs)
+        loss_diff = abs(loss_ours - loss_ref)
+
+        exact = state.precision == Precision.FP32
+        loss_atol = self.loss_atol if self.loss_atol is not None else (1e-4 if exact else 5e-2)
+        logits_rtol = self.logits_rtol if self.logits_rtol is not None else (1e-4 if exact else 5e-2)
+        problems = []
+        if not loss_diff <= loss_atol:
+            problems.append(
+                f"loss {loss_ours:.6g} vs padded reference {loss_ref:.6g}: |diff| {loss_diff:.3g} > {loss_atol}"
+            )
+        if not logits_rel <= logits_rtol:
+            problems.append(f"logits differ from the padded reference by {logits_diff:.3g} "
+                            f"(relative {logits_rel:.3g} > {logits_rtol})")  # fmt: skip
+        self.summary["probes"] += 1
+        metrics = {
+            "padfree/parity/passed": float(not problems),
+            "padfree/parity/loss_padfree": loss_ours,
+            "padfree/parity/loss_reference": loss_ref,
+            "padfree/parity/loss_abs_diff": loss_diff,
+            "padfree/parity/logits_max_abs_diff": logits_diff,
+            "padfree/parity/logits_max_rel_diff": logits_rel,
+            "padfree/parity/documents": float(len(row_docs)),
+        }
+        self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items()})
+        logger.log_metrics(metrics)
+        _report("padfree_parity", problems, self.strict)
+
+    def _compare(
+        self, state: State, probe: dict[str, Tensor], rows: list[int], row_docs: list[Document]
+    ) -> tuple[float, float, float, float]:
+        """Loss of the model and of the padded reference, max |delta logits| (absolute, relative)."""
+        reference = self._reference_with_current_weights(state)
+        # Probe-row order, so the reference's real tokens come in the same order as ours.
+        probe_docs = sorted((d._replace(row=rows.index(d.row)) for d in row_docs), key=lambda d: (d.row, d.start))
+        padded = _one_document_per_row(probe, probe_docs)
+        with _probe_mode(state):
+            ours = state.model(probe)
+            ref = reference(**padded)
+        real_BS = torch.zeros(ours.logits.shape[:2], dtype=torch.bool, device=ours.logits.device)
+        for d in probe_docs:
+            real_BS[d.row, d.start : d.end] = True
+        ours_TV = ours.logits[real_BS].float()
+        ref_TV = ref.logits[padded["attention_mask"].bool()].float()  # same token order: row-major
+        logits_diff = float((ours_TV - ref_TV).abs().max())
+        logits_rel = logits_diff / max(float(ref_TV.abs().max()), 1e-30)
+        return float(ours.loss), float(ref.loss), logits_diff, logits_rel
+
+    def _reference_with_current_weights(self, state: State) -> nn.Module:
+        from transformers import LlamaForCausalLM
+
+        model = _composer_model(state)
+        with _full_parameters(state.model):
+            params = {_clean_name(n): p for n, p in model.model.named_parameters()}
+            if self._reference is None:
+                device = next(iter(params.values())).device
+                config = model.config.to_llama_config()
+                # Stock HF attention on padded rows: the reference path, not our kernels. Built on
+                # the CPU with the CPU generator restored after, so its (overwritten) random init
+                # leaves the training run's random stream untouched.
+                with torch.random.fork_rng(devices=[]):
+                    reference = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+                self._reference = reference.to(device).eval()
+            ref_params = dict(self._reference.named_parameters())
+            missing = sorted(set(ref_params) - set(params))
+            if missing:
+                raise RuntimeError(f"padfree_parity: the model has no parameters for reference weights {missing[:5]}")
+            with torch.no_grad():
+                for name, p in ref_params.items():
+                    p.copy_(params[name])
+        return self._reference
+
+
+@contextlib.contextmanager
+def _full_parameters(model: nn.Module) -> Iterator[None]:
+    """Full (unsharded) parameters under FSDP, read-only; nothing to do otherwise."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
+            yield
+    else:
+        yield
+
+
+def _clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _one_document_per_row(probe: Mapping[str, Tensor], docs: list[Document]) -> dict[str, Tensor]:
+    """The conventional padded batch of `docs`: one document per row, right-padded with pad id 0."""
+    ids, labels = probe["input_ids"], probe["labels"]
+    L = max(d.length for d in docs)
+    out_ids = ids.new_zeros((len(docs), L))
+    out_labels = labels.new_full((len(docs), L), IGNORE_INDEX)
+    mask = ids.new_zeros((len(docs), L))
+    for i, d in enumerate(docs):
+        n = d.length
+        out_ids[i, :n] = ids[d.row, d.start : d.end]
+        out_labels[i, :n] = labels[d.row, d.start : d.end]
+        mask[i, :n] = 1
+    return {"input_ids": out_ids, "attention_mask": mask, "labels": out_labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# padfree_stats
+
+
+class PadFreeStats(Callback):
+    """Log what padding-free training saves and how fast it runs, on every `interval`-th batch.
+
+    Args:
+        interval: measure every `interval`-th batch, from the first.
+
+    Raises:
+        TypeError: at init, if the run's model is not `padfree_causal_lm`.
+    """
+
+    def __init__(self, interval: int = 10):
+        self.interval = _interval(interval, "padfree_stats")
+        self.summary: dict[str, float] = {}
+        self._start: float | None = None
+        self._probe_seconds_at_start = 0.0
+        self._peak_flops: float = 0.0
+
+    def init(self, state: State, logger: Logger) -> None:
+        _check_model(state, "padfree_stats")
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._peak_flops = float(get_gpu_flops_available(state) or 0.0)
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        if _due(state, self.interval):
+            _sync(state)
+            self._start = time.perf_counter()
+            self._probe_seconds_at_start = _ProbeClock.seconds
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self._start is None:
+            return
+        _sync(state)
+        probes = _ProbeClock.seconds - self._probe_seconds_at_start  # isolation/parity ran before us
+        seconds = time.perf_counter() - self._start - probes
+        self._start = None
+        docs = read_batch(state.batch)
+        B, S = docs.shape
+        T, N = docs.num_tokens, len(docs.docs)
+        max_len = max(docs.doc_lens, default=0)
+        flops = _composer_model(state).flops_per_batch(state.batch)
+        metrics = {
+            "padfree/stats/real_token_fraction": T / (B * S),
+            "padfree/stats/pad_positions_skipped": float(B * S - T),
+            "padfree/stats/padded_batch_pad_fraction": 1.0 - T / (N * max_len) if N else 0.0,
+            "padfree/stats/documents_per_row": N / B,
+            "padfree/stats/max_seqlen": float(max_len),
+            "padfree/stats/real_tokens": float(T),
+            "padfree/stats/real_tokens_per_sec": T / seconds,
+            "padfree/stats/flops_per_sec": flops / seconds,
+        }
+        if self._peak_flops > 0:
+            metrics["padfree/stats/mfu"] = flops / seconds / self._peak_flops
+        self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items()})
+        logger.log_metrics(metrics)
+
+
+def _sync(state: State) -> None:
+    if state.device.name == "gpu":
+        torch.cuda.synchronize()
+
+
+__all__ = [
+    "BatchDocs",
+    "Document",
+    "PadFreeAudit",
+    "PadFreeCheckError",
+    "PadFreeIsolation",
+    "PadFreeParity",
+    "PadFreeStats",
+    "read_batch",
+]

@@ -1,0 +1,264 @@
+"""`padfree_causal_lm`: the padding-free Llama as an LLM-Foundry / Composer model.
+
+Shape legend: B batch rows, S row length, V vocabulary.
+
+Registered in LLM-Foundry's `models` registry through the `llmfoundry_models` entry point, so a
+YAML selects it with `model: {name: padfree_causal_lm, ...}`. It is LLM-Foundry's
+`ComposerHFCausalLM` (same loading, FSDP preparation, metrics and HF checkpointing) with our model
+class, our config and a forward that hands `sequence_id`/`position_ids` to the model.
+
+YAML keys under `model:` (every other key fails fast, naming the closest valid one):
+
+- `pretrained_model_name_or_path`: a local directory with a Llama `config.json` (stock
+  `model_type: llama` or our `padfree_llama`) and, for `pretrained: true`, its weights.
+- `pretrained` (default true): load the weights; false builds fresh ones from the config.
+- `init_device` (default cpu): `cpu`, `meta` (FSDP materializes and initializes each layer) or
+  `mixed` (rank 0 loads on CPU, other ranks on meta).
+- `config_overrides`: fields of the Llama config to override (`num_hidden_layers: 2`,
+  `loss_chunk_size: 8192`, ...); an unknown field is an error.
+- `attn_backend` (default auto): the varlen attention kernel, one of `auto`, `flash_attn`,
+  `torch_varlen`, `flex`, `sdpa`. Checked at build time against what this machine can run.
+- `loss_on_real_tokens_only` (default true): training forwards run the output head only on the
+  real tokens that have a target (the chunked head + cross-entropy) and never build `[B,S,V]`
+  logits unless a train metric needs them. False also re-pads `[B,S,V]` logits on every training
+  forward, for callbacks that read `state.outputs['logits']` (costs `B*S*V` activations).
+- `use_train_metrics` (default false): LLM-Foundry's train metrics (cross-entropy, perplexity,
+  token accuracy) on every microbatch. They need `[B,S,V]` logits, so they cost the padded head
+  this model otherwise avoids; the training loss is logged either way.
+- `additional_train_metrics`, `additional_eval_metrics`: extra metric names from LLM-Foundry's
+  `metrics` registry.
+- `allow_embedding_resizing` (default false): grow the embeddings to the tokenizer's size.
+- `trust_remote_code` (default false), `use_auth_token` (default false): passed to HF loading.
+
+Evaluation goes through LLM-Foundry's evaluators unchanged: eval forwards return `[B,S,V]` logits,
+and labels are shifted within documents, as the training loss is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from composer.utils import get_device
+from llmfoundry.models.consts import _MASTER_WEIGHTS_PRECISION
+from llmfoundry.models.hf.hf_causal_lm import ComposerHFCausalLM
+from llmfoundry.utils.config_utils import set_config_overrides
+from torch import Tensor
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from foundry_padfree.attention import resolve_backend
+from foundry_padfree.config import ATTN_BACKENDS, PadFreeLlamaConfig
+from foundry_padfree.modeling import PadFreeLlamaForCausalLM, training_flops
+from foundry_padfree.varlen import IGNORE_INDEX, unpad
+
+# Batch keys the model reads; everything else (total_tokens, loss_generating_tokens, ...) stays out.
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "sequence_id", "labels")
+INIT_DEVICES = ("cpu", "meta", "mixed")
+
+# Options of `hf_causal_lm` this model does not take, with what to use instead.
+_NOT_SUPPORTED = {
+    "attn_implementation": "the padding-free model picks its kernel with `attn_backend`",
+    "use_flash_attention_2": "use `attn_backend: flash_attn`",
+    "peft_config": "LoRA/PEFT is not supported by padfree_causal_lm",
+    "pretrained_lora_id_or_path": "LoRA/PEFT is not supported by padfree_causal_lm",
+    "should_save_peft_only": "LoRA/PEFT is not supported by padfree_causal_lm",
+    "load_in_8bit": "8-bit loading is not supported by padfree_causal_lm",
+}
+
+
+class ComposerPadFreeCausalLM(ComposerHFCausalLM):
+    """`ComposerHFCausalLM` around `PadFreeLlamaForCausalLM`; the YAML keys are in the module docstring.
+
+    Raises:
+        ValueError: for an unknown or unsupported option, an unknown `init_device`, an attention
+            backend that does not exist or cannot run here, or a non-Llama config.
+    """
+
+    model_cls = PadFreeLlamaForCausalLM
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        pretrained_model_name_or_path: str,
+        pretrained: bool = True,
+        init_device: str = "cpu",
+        config_overrides: dict[str, Any] | None = None,
+        attn_backend: str = "auto",
+        loss_on_real_tokens_only: bool = True,
+        use_train_metrics: bool = False,
+        additional_train_metrics: list[str] | None = None,
+        additional_eval_metrics: list[str] | None = None,
+        allow_embedding_resizing: bool = False,
+        trust_remote_code: bool = False,
+        use_auth_token: bool = False,
+        **unknown: Any,
+    ):
+        _reject_unknown_options(unknown)
+        if init_device not in INIT_DEVICES:
+            raise ValueError(f"init_device={init_device!r} is not supported; use one of {', '.join(INIT_DEVICES)}.")
+        if attn_backend not in ATTN_BACKENDS:
+            raise ValueError(
+                f"attn_backend={attn_backend!r} is not a known backend; use one of {', '.join(ATTN_BACKENDS)}."
+            )
+        config_overrides = dict(config_overrides or {})
+        if "attn_backend" in config_overrides and config_overrides["attn_backend"] != attn_backend:
+            raise ValueError(
+                f"attn_backend is set twice: model.attn_backend={attn_backend!r} and "
+                f"config_overrides.attn_backend={config_overrides['attn_backend']!r}; set model.attn_backend only."
+            )
+        config_overrides["attn_backend"] = attn_backend
+        # Fail at build time, not at the first forward, when the kernel cannot run where we train.
+        resolve_backend(attn_backend, _training_device())
+
+        self.loss_on_real_tokens_only = loss_on_real_tokens_only
+        super().__init__(
+            tokenizer=tokenizer,
+            pretrained_model_name_or_path=pretrained_model_name_or_path,
+            pretrained=pretrained,
+            trust_remote_code=trust_remote_code,
+            use_auth_token=use_auth_token,
+            init_device=init_device,
+            config_overrides=config_overrides,
+            use_train_metrics=use_train_metrics,
+            allow_embedding_resizing=allow_embedding_resizing,
+            additional_train_metrics=additional_train_metrics,
+            additional_eval_metrics=additional_eval_metrics,
+        )
+        # Counted once here: after FSDP wrapping each rank sees only its shard.
+        self.num_flop_params = _flop_params(self.model)
+
+    @classmethod
+    def build_config(
+        cls,
+        pretrained_model_name_or_path: str,
+        trust_remote_code: bool,
+        use_auth_token: bool,
+        attn_implementation: str,
+        config_overrides: dict[str, Any],
+    ) -> PretrainedConfig:
+        """A `PadFreeLlamaConfig` from a stock Llama (or our) config directory, then the overrides."""
+        config = AutoConfig.from_pretrained(
+            pretrained_model_name_or_path,
+            trust_remote_code=trust_remote_code,
+            token=use_auth_token or None,
+            attn_implementation=attn_implementation,
+            torch_dtype=_MASTER_WEIGHTS_PRECISION,
+            use_cache=False,  # no KV cache: the model recomputes the prefix
+        )
+        if not isinstance(config, LlamaConfig):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {config.model_type!r} config; padfree_causal_lm "
+                "trains Llama-architecture models (model_type 'llama' or 'padfree_llama')."
+            )
+        if not isinstance(config, PadFreeLlamaConfig):
+            config = PadFreeLlamaConfig.from_llama_config(config)
+        set_config_overrides(config, config_overrides)
+        config.validate_padfree()  # overrides bypass the constructor's checks
+        return config
+
+    def forward(self, batch: Mapping[str, Any]) -> Any:
+        """Run the model on a `[B,S]` batch; `sequence_id` and `position_ids` reach it as they are."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"padfree_causal_lm takes a dict batch, got {type(batch).__name__}.")
+        inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+        return_logits = None  # the model's default: logits unless training with labels
+        if self.training:
+            return_logits = bool(self.train_metrics) or not self.loss_on_real_tokens_only
+        return self.model(**inputs, return_logits=return_logits)
+
+    def loss(self, outputs: Any, batch: Mapping[str, Any]) -> Tensor:
+        if outputs.loss is None:
+            raise ValueError(
+                "the batch has no 'labels', so the model computed no loss; training batches need labels "
+                f"(batch keys: {sorted(batch)})."
+            )
+        return outputs.loss
+
+    def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> Any:
+        """Composer's eval forward, with labels masked at document starts first.
+
+        Composer shifts labels along the whole row for the metrics; in a packed row that would
+        score the last token of a document on the first token of the next one, which the model
+        never trains on. Like Composer, this moves `labels` out of `batch` (into `self.labels`);
+        the caller's labels tensor itself is not written to.
+        """
+        if "labels" in batch and batch.get("mode") not in ("generate", "icl_task"):
+            starts_BS = document_starts(batch)
+            if starts_BS is not None:
+                batch["labels"] = batch["labels"].masked_fill(starts_BS, IGNORE_INDEX)
+        return super().eval_forward(batch, outputs)
+
+    def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
+        """Training FLOPs of `batch`, real tokens only: `6 N T_real + 12 L d sum(len_i^2)`.
+
+        Composer's `SpeedMonitor` calls this with the full device batch to log MFU; padding adds
+        nothing because the model never computes it.
+        """
+        return training_flops(self.config, self.num_flop_params, document_lengths(batch))
+
+
+def document_lengths(batch: Mapping[str, Any]) -> tuple[int, ...]:
+    """Lengths of the documents in a `[B,S]` batch, read exactly as the model's forward reads them."""
+    inputs = {k: batch.get(k) for k in ("attention_mask", "sequence_id", "position_ids")}
+    with torch.no_grad():
+        return unpad(batch["input_ids"], **inputs).meta.doc_lens
+
+
+def document_starts(batch: Mapping[str, Any]) -> Tensor | None:
+    """(B, S) bool: True on the first token of every document after the first of its row.
+
+    From `sequence_id` changes or `position_ids == 0`; None when the rows are not packed.
+    """
+    sequence_id, position_ids = batch.get("sequence_id"), batch.get("position_ids")
+    if sequence_id is None and position_ids is None:
+        return None
+    ref = sequence_id if sequence_id is not None else position_ids
+    starts_BS = torch.zeros_like(ref, dtype=torch.bool)
+    if sequence_id is not None:
+        starts_BS[:, 1:] |= (sequence_id[:, 1:] != sequence_id[:, :-1]) & (sequence_id[:, 1:] >= 0)
+    if position_ids is not None:
+        starts_BS[:, 1:] |= position_ids[:, 1:] == 0
+    return starts_BS
+
+
+def _flop_params(model: PadFreeLlamaForCausalLM) -> int:
+    """Parameters that do matmul work per token: all of them except an untied embedding table
+    (a lookup). Norm weights are included, as in LLM-Foundry's MPT count; they are negligible."""
+    total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    embed = model.get_input_embeddings().weight
+    if embed is model.get_output_embeddings().weight:
+        return total
+    return total - embed.numel()
+
+
+def _training_device() -> torch.device:
+    return torch.device("cuda" if get_device(None).name == "gpu" else "cpu")
+
+
+def _reject_unknown_options(unknown: dict[str, Any]) -> None:
+    if not unknown:
+        return
+    known = [
+        p
+        for p in inspect.signature(ComposerPadFreeCausalLM.__init__).parameters
+        if p not in ("self", "tokenizer", "unknown")
+    ]
+    problems = []
+    for name in sorted(unknown):
+        if name in _NOT_SUPPORTED:
+            problems.append(f"{name}: {_NOT_SUPPORTED[name]}")
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "not an option of padfree_causal_lm"
+        problems.append(f"{name}: {hint}")
+    raise ValueError(
+        "unknown model option(s) for padfree_causal_lm: "
+        + "; ".join(problems)
+        + f". Valid options: {', '.join(known)}."
+    )
+
+
+__all__ = ["ComposerPadFreeCausalLM", "document_lengths", "document_starts"]

@@ -1,0 +1,197 @@
+"""The verification callbacks on a tiny Composer Trainer (CPU): they pass on real padding-free
+training, fail on broken training, cost nothing off-interval and never change what is trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from llmfoundry.registry import callbacks
+
+import foundry_padfree.callbacks as cb
+import foundry_padfree.modeling as modeling
+from foundry_padfree.attention import BACKENDS, Backend
+from foundry_padfree.callbacks import (
+    PadFreeAudit,
+    PadFreeCheckError,
+    PadFreeIsolation,
+    PadFreeParity,
+    PadFreeStats,
+    read_batch,
+)
+from foundry_padfree.varlen import unpad
+from tests.composer_helpers import ROWS, SEQ_LEN, composer_model, fit, logged, packed_batch, write_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def all_callbacks(interval: int = 1, strict: bool = True) -> list:
+    return [
+        PadFreeAudit(interval=interval, strict=strict),
+        PadFreeIsolation(interval=interval, strict=strict),
+        PadFreeParity(interval=interval, strict=strict),
+        PadFreeStats(interval=interval),
+    ]
+
+
+def test_registered_by_name():
+    for name, cls in [("padfree_audit", PadFreeAudit), ("padfree_isolation", PadFreeIsolation),
+                      ("padfree_parity", PadFreeParity), ("padfree_stats", PadFreeStats)]:  # fmt: skip
+        assert callbacks.get(name) is cls
+
+
+def test_all_pass_on_padfree_training_with_microbatches(model_dir):
+    trainer = fit(composer_model(model_dir), all_callbacks(), batches=2, microbatch=2)
+    # 2 batches x 2 microbatches: every training forward was audited.
+    assert logged(trainer, "padfree/audit/passed") == [1.0] * 4
+    assert logged(trainer, "padfree/audit/unpad_calls") == [1.0] * 4
+    assert logged(trainer, "padfree/audit/varlen_layers") == [2.0] * 4
+    # Microbatch 1 of batch 1 is rows 0-1: documents [5, 3, 7] and [4, 6].
+    assert logged(trainer, "padfree/audit/real_tokens")[0] == 25.0
+    assert logged(trainer, "padfree/audit/documents")[0] == 5.0
+    # The first document of row 0 (the busiest row of batch 1) was perturbed; nothing else moved.
+    assert logged(trainer, "padfree/isolation/max_abs_diff_other_docs") == [0.0, 0.0]
+    assert min(logged(trainer, "padfree/isolation/max_abs_diff_perturbed_doc")) > 0
+    assert logged(trainer, "padfree/isolation/same_row_documents_compared") == [3.0, 2.0]
+    assert max(logged(trainer, "padfree/parity/loss_abs_diff")) < 1e-5
+    assert max(logged(trainer, "padfree/parity/logits_max_rel_diff")) < 1e-5
+    assert logged(trainer, "padfree/parity/documents") == [7.0, 5.0]  # rows 3+0, then rows 6+4
+
+
+def test_stats_are_the_batch_arithmetic(model_dir):
+    trainer = fit(composer_model(model_dir), [PadFreeStats(interval=1)], batches=1)
+    lens = [n for row in ROWS[:4] for n in row]  # 4 rows of 16 columns
+    T, N = sum(lens), len(lens)
+    assert logged(trainer, "padfree/stats/real_tokens") == [T]
+    assert logged(trainer, "padfree/stats/real_token_fraction") == [T / 64]
+    assert logged(trainer, "padfree/stats/pad_positions_skipped") == [64 - T]
+    assert logged(trainer, "padfree/stats/padded_batch_pad_fraction") == [pytest.approx(1 - T / (N * 16))]
+    assert logged(trainer, "padfree/stats/documents_per_row") == [N / 4]
+    assert logged(trainer, "padfree/stats/max_seqlen") == [16.0]
+    assert logged(trainer, "padfree/stats/real_tokens_per_sec")[0] > 0
+    assert "padfree/stats/mfu" not in trainer.logger.destinations[0].data  # no GPU peak on CPU
+
+
+def test_callbacks_change_nothing_that_is_trained(model_dir):
+    plain = fit(composer_model(model_dir), [], batches=2)
+    rng_plain = torch.get_rng_state()
+    checked = fit(composer_model(model_dir), all_callbacks(), batches=2)
+    assert torch.equal(torch.get_rng_state(), rng_plain)
+    assert logged(checked, "loss/train/total") == logged(plain, "loss/train/total")
+    for (name, p), q in zip(plain.state.model.named_parameters(), checked.state.model.parameters()):
+        assert torch.equal(p, q), name
+    assert checked.state.model.training
+    # No hook or wrapper is left behind.
+    assert modeling.unpad is unpad
+    assert all(not m._forward_pre_hooks for m in checked.state.model.modules())
+
+
+def test_off_interval_batches_cost_nothing(model_dir, monkeypatch):
+    reads = []
+    monkeypatch.setattr(cb, "read_batch", lambda batch: reads.append(1) or read_batch(batch))
+    trainer = fit(composer_model(model_dir), all_callbacks(interval=5), batches=2, microbatch=4)
+    # Only batch 0 is due: one audited forward, one read by each of the other three callbacks.
+    assert logged(trainer, "padfree/audit/forwards_audited") == [1.0]
+    assert len(logged(trainer, "padfree/isolation/passed")) == len(logged(trainer, "padfree/parity/passed")) == 1
+    assert len(logged(trainer, "padfree/stats/real_tokens")) == 1
+    assert len(reads) == 4
+
+
+def test_audit_fails_when_layers_get_rebuilt_metadata(model_dir):
+    # The anti-pattern the project removes: metadata re-derived per layer (new cu_seqlens each time).
+    model = composer_model(model_dir)
+    for layer in model.model.model.layers:
+        layer.register_forward_pre_hook(
+            lambda mod, args: (args[0], args[1]._replace(cu_seqlens_N1=args[1].cu_seqlens_N1.clone()), *args[2:])
+        )
+    with pytest.raises(PadFreeCheckError, match=r"layer 0 attended with different varlen metadata"):
+        fit(model, [PadFreeAudit(interval=1, strict=True)], batches=1)
+
+
+def test_audit_fails_on_a_second_unpad(model_dir):
+    model = composer_model(model_dir)
+    decoder = model.model.model
+    forward_tokens = decoder.forward_tokens
+
+    def unpads_again(ids_T, meta):
+        modeling.unpad(ids_T[None])
+        return forward_tokens(ids_T, meta)
+
+    decoder.forward_tokens = unpads_again
+    with pytest.raises(PadFreeCheckError, match=r"the forward unpadded 2 times; it must unpad exactly once"):
+        fit(model, [PadFreeAudit(interval=1, strict=True)], batches=1)
+
+
+def test_audit_fails_on_wrong_loss_token_counts(model_dir, monkeypatch):
+    # LLM-Foundry's count includes the label at each document start, which the model never trains
+    # on; token-weighted accumulation would then weigh microbatches wrongly.
+    original = cb.read_batch
+
+    def with_foundry_counts(batch):
+        batch = dict(batch, loss_generating_tokens=[n + 1 for n in batch["loss_generating_tokens"]])
+        return original(batch)
+
+    monkeypatch.setattr(cb, "read_batch", with_foundry_counts)
+    with pytest.raises(PadFreeCheckError, match=r"loss_generating_tokens\[0\] = 13 but the model trains on 12"):
+        fit(composer_model(model_dir), [PadFreeAudit(interval=1, strict=True)], batches=1)
+
+
+def test_audit_without_strict_logs_the_failure(model_dir, monkeypatch):
+    original = cb.read_batch
+    monkeypatch.setattr(cb, "read_batch", lambda b: original(dict(b, total_tokens=[SEQ_LEN] * len(b["total_tokens"]))))
+    trainer = fit(composer_model(model_dir), [PadFreeAudit(interval=1, strict=False)], batches=1, microbatch=4)
+    assert logged(trainer, "padfree/audit/passed") == [0.0]
+    assert logged(trainer, "padfree/audit/checks_failed") == [1.0]
+
+
+def leaky_attend(q_TNH, k_TKH, v_TKH, meta, scale):
+    """Plain causal attention over the whole packed stream: documents see their predecessors."""
+    groups = q_TNH.shape[1] // k_TKH.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k_TKH, v_TKH))
+    return F.scaled_dot_product_attention(q_TNH.transpose(0, 1), k, v, is_causal=True, scale=scale).transpose(0, 1)
+
+
+@pytest.mark.parametrize(
+    ("callback", "message"),
+    [
+        (PadFreeIsolation(interval=1, strict=True), r"moved other documents' logits by up to"),
+        (PadFreeParity(interval=1, strict=True), r"padfree_parity: loss .* vs padded reference"),
+    ],
+    ids=["isolation", "parity"],
+)
+def test_probes_catch_cross_document_attention(model_dir, monkeypatch, callback, message):
+    monkeypatch.setitem(BACKENDS, "sdpa", Backend("sdpa", leaky_attend))
+    with pytest.raises(PadFreeCheckError, match=message):
+        fit(composer_model(model_dir), [callback], batches=1)
+
+
+def test_read_batch_finds_documents_and_inconsistencies():
+    batch = packed_batch(rows=[[3, 2], [4]])
+    docs = read_batch(batch)
+    assert docs.doc_lens == (3, 2, 4) and docs.problems == []
+    assert docs.positions().tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    assert docs.targets_per_row == [3, 3]
+    bad = dict(batch, position_ids=torch.arange(SEQ_LEN).expand(2, SEQ_LEN), labels=batch["input_ids"])
+    problems = read_batch(bad).problems
+    assert "row 0: position_ids do not restart exactly where sequence_id changes" in problems
+    assert any(p.startswith("labels[0, 5] = 0 is on padding") for p in problems)
+
+
+def test_non_padfree_model_is_refused_at_init(tmp_path):
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_config
+
+    stock = HuggingFaceModel(LlamaForCausalLM(tiny_config().to_llama_config()), use_logits=True)
+    with pytest.raises(TypeError, match=r"padfree_audit verifies padfree_causal_lm models; this run's model is"):
+        Trainer(model=stock, callbacks=[PadFreeAudit()])
+
+
+def test_bad_interval():
+    with pytest.raises(ValueError, match=r"padfree_stats: interval=0 must be a positive number of batches"):
+        PadFreeStats(interval=0)

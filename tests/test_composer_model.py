@@ -1,0 +1,163 @@
+"""`padfree_causal_lm`: built from a stock Llama directory, FSDP-ready, honest FLOPs, fail-fast options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llmfoundry.metrics import LanguageCrossEntropy
+from llmfoundry.registry import models
+from transformers import LlamaForCausalLM
+
+from foundry_padfree import PadFreeLlamaConfig, PadFreeLlamaForCausalLM, training_flops
+from foundry_padfree.composer_model import ComposerPadFreeCausalLM, document_lengths
+from foundry_padfree.modeling import PadFreeDecoderLayer, PadFreeRMSNorm
+from tests.composer_helpers import ROWS, composer_model, packed_batch, write_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def test_registered_under_its_own_name():
+    assert models.get("padfree_causal_lm") is ComposerPadFreeCausalLM
+    assert models.get("hf_causal_lm") is not ComposerPadFreeCausalLM
+
+
+def test_stock_llama_dir_becomes_our_config_with_the_options(model_dir):
+    model = composer_model(model_dir, attn_backend="flex", config_overrides={"loss_chunk_size": 7})
+    assert isinstance(model.model, PadFreeLlamaForCausalLM)
+    assert isinstance(model.config, PadFreeLlamaConfig)
+    assert (model.config.attn_backend, model.config.loss_chunk_size) == ("flex", 7)
+    assert model.config.use_cache is False
+
+
+def test_pretrained_loads_the_stock_weights(tmp_path):
+    stock = LlamaForCausalLM(PadFreeLlamaConfig(**_tiny_fields()).to_llama_config())
+    stock.save_pretrained(tmp_path)
+    model = ComposerPadFreeCausalLM(tokenizer=None, pretrained_model_name_or_path=str(tmp_path), attn_backend="sdpa")
+    for name, p in stock.named_parameters():
+        assert torch.equal(model.model.get_parameter(name), p), name
+
+
+def test_fsdp_wraps_and_checkpoints_exactly_the_decoder_layers(model_dir):
+    inner = composer_model(model_dir).model
+    chosen = [m for m in inner.modules() if inner.fsdp_wrap_fn(m)]
+    assert chosen == list(inner.model.layers)
+    assert all(isinstance(m, PadFreeDecoderLayer) for m in chosen)
+    assert [m for m in inner.modules() if inner.activation_checkpointing_fn(m)] == chosen
+
+
+def test_meta_init_then_param_init_fn_initializes_our_norms(model_dir):
+    inner = composer_model(model_dir, init_device="meta").model
+    assert all(p.is_meta for p in inner.parameters())
+    # What FSDP does with a meta model: allocate, then call param_init_fn on every module.
+    inner.to_empty(device="cpu")
+    for module in inner.modules():
+        inner.param_init_fn(module)
+    norms = [m for m in inner.modules() if isinstance(m, PadFreeRMSNorm)]
+    assert len(norms) == 2 * inner.config.num_hidden_layers + 1
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in norms)
+    std = inner.config.initializer_range
+    q = inner.model.layers[0].self_attn.q_proj.weight
+    assert abs(float(q.std()) - std) < 0.3 * std
+    assert all(torch.isfinite(p).all() for p in inner.parameters())
+
+
+def test_forward_hands_sequence_id_to_the_model(model_dir):
+    model = composer_model(model_dir).eval()
+    batch = packed_batch()
+    expected = model.model(batch["input_ids"], sequence_id=batch["sequence_id"], labels=batch["labels"])
+    out = model(batch)
+    torch.testing.assert_close(out.loss, expected.loss, atol=0, rtol=0)
+    # Without sequence_id the rows would be single documents: a different loss.
+    cross = model({k: v for k, v in batch.items() if k != "sequence_id"})
+    assert not torch.allclose(out.loss, cross.loss)
+    assert model.loss(out, batch) is out.loss
+
+
+@pytest.mark.parametrize(
+    ("options", "builds_logits"),
+    [({}, False), ({"use_train_metrics": True}, True), ({"loss_on_real_tokens_only": False}, True)],
+)
+def test_training_forward_builds_padded_logits_only_when_needed(model_dir, options, builds_logits):
+    model = composer_model(model_dir, **options).train()
+    batch = packed_batch()
+    out = model(batch)
+    assert out.loss is not None and out.loss.requires_grad
+    assert (out.logits is not None) == builds_logits
+    if builds_logits:
+        assert out.logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
+
+
+def test_eval_metric_equals_the_training_loss_on_packed_rows(model_dir):
+    # Composer shifts labels along the row for metrics; ours must not score across documents.
+    # LLM-Foundry's own collators keep the label at document starts: the shift would score the
+    # last token of each document on the next document's first token.
+    model = composer_model(model_dir).eval()
+    batch = packed_batch()
+    batch["labels"] = batch["input_ids"].masked_fill(batch["sequence_id"] < 0, -100)
+    labels = batch["labels"].clone()
+    with torch.no_grad():
+        loss = model(batch).loss
+        eval_batch = dict(batch)
+        logits = model.eval_forward(eval_batch)
+    assert "labels" not in eval_batch and torch.equal(batch["labels"], labels)
+    metric = LanguageCrossEntropy()
+    model.update_metric(eval_batch, logits, metric)
+    torch.testing.assert_close(metric.compute(), loss, atol=1e-6, rtol=1e-6)
+
+
+def test_flops_count_real_tokens_only(model_dir):
+    model = composer_model(model_dir)
+    batch = packed_batch()
+    doc_lens = [n for row in ROWS[:4] for n in row]
+    assert document_lengths(batch) == tuple(doc_lens)
+    n_params = sum(p.numel() for p in model.parameters()) - model.model.model.embed_tokens.weight.numel()
+    assert model.num_flop_params == n_params
+    flops = model.flops_per_batch(batch)
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    assert flops == 6 * n_params * sum(doc_lens) + 12 * L * d * sum(n * n for n in doc_lens)
+    assert flops == training_flops(model.config, n_params, doc_lens)
+    # Twice the padding, same work.
+    wider = {k: torch.nn.functional.pad(v, (0, 16), value=v.min().item() if k != "input_ids" else 0)
+             for k, v in batch.items() if isinstance(v, torch.Tensor)}  # fmt: skip
+    wider["attention_mask"][:, 16:] = 0
+    wider["sequence_id"][:, 16:] = -1
+    assert model.flops_per_batch(wider) == flops
+
+
+def test_tied_embeddings_count_once(tmp_path):
+    model = composer_model(write_model_dir(tmp_path, tie_word_embeddings=True))
+    assert model.num_flop_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"attn_bakend": "sdpa"}, r"attn_bakend: did you mean 'attn_backend'\?"),
+        ({"loss_on_real_tokens": True}, r"did you mean 'loss_on_real_tokens_only'\?"),
+        ({"attn_implementation": "flash_attention_2"}, r"attn_implementation: the padding-free model picks"),
+        ({"attn_backend": "flash"}, r"attn_backend='flash' is not a known backend; use one of auto, flash_attn"),
+        ({"attn_backend": "flash_attn"}, r"attn_backend='flash_attn' cannot run on cpu here"),
+        ({"config_overrides": {"num_hiden_layers": 1}}, r'config does not have attribute "num_hiden_layers"'),
+        ({"config_overrides": {"loss_chunk_size": 0}}, r"loss_chunk_size=0 must be a positive int"),
+        ({"init_device": "gpu"}, r"init_device='gpu' is not supported; use one of cpu, meta, mixed"),
+    ],
+)
+def test_bad_options_fail_at_build_time_with_the_fix(model_dir, options, message):
+    with pytest.raises(ValueError, match=message):
+        composer_model(model_dir, **options)
+
+
+def test_non_llama_config_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"holds a 'gpt2' config; padfree_causal_lm trains Llama"):
+        composer_model(tmp_path)
+
+
+def _tiny_fields() -> dict:
+    return dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
