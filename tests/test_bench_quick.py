@@ -1,0 +1,58 @@
+"""`scripts/bench.py --quick`: the GPU benchmark's whole path on a tiny CPU config, so it never rots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    bench.main(["--quick", "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_every_system_ran(report):
+    systems = {r["system"] for r in report["results"] if r["data"] == "alpaca@128"}
+    expected = {"hf_padded", "hf_concat", "hf_padfree", "ours_eager_sdpa", "ours_eager_flex", "ours_compiled"}
+    assert systems == expected
+    for r in report["results"]:
+        assert r["status"] == "ok", r
+        assert r["real_tokens_per_s"] > 0 and math.isfinite(r["real_tokens_per_s"]), r
+        assert r["step_ms_median"] > 0, r
+        assert r["flops_per_token"] > r["flops_6n_per_token"] > 0, r
+        assert 0 < r["mfu"] < 10, r  # against a CPU matmul ceiling, but finite and positive
+    assert {r["data"] for r in report["results"]} == {"alpaca@128", "sweep32@128"}
+
+
+def test_isolated_systems_train_alike(report):
+    # Same weights, same batches, documents isolated: the loss after the same steps must agree.
+    rows = {r["system"]: r for r in report["results"] if r["data"] == "alpaca@128"}
+    ref = rows["ours_eager_sdpa"]["loss"]
+    assert abs(ref - math.log(512)) < 1.0  # random init: about log(vocab)
+    for system in ("hf_padded", "hf_padfree", "ours_eager_flex", "ours_compiled"):
+        assert rows[system]["loss"] == pytest.approx(ref, rel=1e-4), system
+
+
+def test_compiled_path_does_not_recompile(report):
+    compiled = next(r for r in report["results"] if r["system"] == "ours_compiled" and r["data"] == "alpaca@128")
+    assert compiled["recompile_check_steps"] == 3
+    assert compiled["recompiles_after_warmup"] == 0
+    assert compiled["compiles_during_timing"] == 0
+
+
+def test_targets_are_reported(report):
+    names = [t["target"] for t in report["targets"]]
+    assert any("compiled / hf_concat" in n for n in names)
+    assert any("recompiles" in n for n in names)
+    assert report["matmul_tflops"] > 0
