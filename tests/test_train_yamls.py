@@ -244,3 +244,10 @@ def test_sft_yaml_loader_typo_fails_fast(tiny_tokenizer_dir, tmp_path):
     overrides = [*_sft_overrides(tiny_tokenizer_dir, tmp_path), "train_loader.packing_mod=budget"]
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['packing_mod'\].*packing_mode"):
         train_from_yaml(str(SFT_YAML), overrides)
+
+
+@pytest.mark.parametrize("yaml_path", [PRETRAIN_YAML, SFT_YAML], ids=["pretrain", "sft"])
+def test_required_paths_must_be_given(yaml_path):
+    # Data and tokenizer paths are `???` in the YAML: the error names the variable to set.
+    with pytest.raises(Exception, match=r"Missing mandatory value: variables\.(data_local|tokenizer_dir|model_dir)"):
+        train_from_yaml(str(yaml_path), [])
