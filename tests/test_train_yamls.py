@@ -205,7 +205,6 @@ def _sft_overrides(tokenizer_dir: Path, tmp_path: Path) -> list[str]:
         "global_train_batch_size=2",
         "device_train_microbatch_size=1",
         "max_duration=2ba",
-        "scheduler.t_warmup=0ba",
         "loggers.inmemory={}",
     ]
 
