@@ -19,18 +19,23 @@ from foundry_padfree.varlen import IGNORE_INDEX
 
 
 def _nll_and_grad(logits_CV: Tensor, t_C: Tensor, valid_C: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Summed cross-entropy of a chunk and its gradient w.r.t. the logits, in place (eager).
+    """Summed cross-entropy of a chunk and its gradient w.r.t. the logits (eager), rows of ignored
+    targets not yet zeroed (the caller masks the `[C,D]` products instead of the `[C,V]` gradient).
 
-    `log_softmax(dtype=float32)` reads the low-precision logits and writes fp32 log-probabilities in
-    one kernel; the gradient `softmax - one_hot` is built in that same buffer, then cast.
+    Two passes over `[C,V]`: `log_softmax(dtype=float32)` reads the low-precision logits once and
+    writes fp32 log-probabilities; `exp` reads them and writes the gradient in the logits' dtype.
+    The `-1` at each target is applied in fp32 on the `[C]` picked values and written over those
+    entries, so the result equals casting fp32 `softmax - one_hot`.
     """
     logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.float32)
-    nll_sum = -(logp_CV.gather(1, t_C[:, None]).squeeze(1) * valid_C).sum()
+    picked_C = logp_CV.gather(1, t_C[:, None]).squeeze(1)
+    nll_sum = -(picked_C * valid_C).sum()
     if not need_grad:
         return nll_sum, None
-    g_CV = logp_CV.exp_()
-    g_CV[torch.arange(len(t_C), device=g_CV.device), t_C] -= 1.0
-    return nll_sum, g_CV.to(logits_CV.dtype).mul_(valid_C[:, None])
+    g_CV = torch.empty_like(logits_CV)
+    torch.exp(logp_CV, out=g_CV)
+    g_CV.scatter_(1, t_C[:, None], (picked_C.exp() - 1.0).to(g_CV.dtype)[:, None])
+    return nll_sum, g_CV
 
 
 def _nll_and_grad_fused(logits_CV: Tensor, t_C: Tensor, valid_C: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,7 +44,7 @@ def _nll_and_grad_fused(logits_CV: Tensor, t_C: Tensor, valid_C: Tensor) -> tupl
     logp_CV = torch.log_softmax(logits_CV.float(), dim=-1)
     nll_sum = -(logp_CV.gather(1, t_C[:, None]).squeeze(1) * valid_C).sum()
     one_hot_CV = torch.arange(logits_CV.shape[1], device=logits_CV.device)[None, :] == t_C[:, None]
-    g_CV = (logp_CV.exp() - one_hot_CV.float()) * valid_C[:, None]
+    g_CV = logp_CV.exp() - one_hot_CV.float()
     return nll_sum, g_CV.to(logits_CV.dtype)
 
 
@@ -106,9 +111,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 del logits_CV
                 loss_sum += nll_sum
                 if need_grad:
-                    # d(sum of losses)/d logits = softmax - one_hot(target), zero on ignored tokens.
-                    grad_h_TD[start : start + chunk] = g_CV @ w_VD
-                    grad_w_VD = _accumulate_mm(grad_w_VD, g_CV.t(), h_CD)
+                    # d(sum of losses)/d logits = softmax - one_hot(target), zero on ignored tokens:
+                    # zeroed on the [C,D] sides of the two products, not on the [C,V] gradient.
+                    keep_C1 = valid_C[:, None].to(h_CD.dtype)
+                    torch.mul(g_CV @ w_VD, keep_C1, out=grad_h_TD[start : start + chunk])
+                    grad_w_VD = _accumulate_mm(grad_w_VD, g_CV.t(), h_CD * keep_C1)
         ctx.save_for_backward(grad_h_TD, grad_w_VD)
         return loss_sum
 

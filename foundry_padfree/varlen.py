@@ -192,7 +192,12 @@ def unpad(
         seq_len=S,
     )
     input_ids_T = input_ids.reshape(-1)[indices_T]
-    return Unpadded(meta, input_ids_T, _shift_targets(labels, meta), supervised_T)
+    targets_T = None
+    if labels is not None:
+        last = np.zeros(T, dtype=bool)
+        last[cu_seqlens[1:] - 1] = True
+        targets_T = _shift_targets(labels, meta, _to_device(last, torch.bool, device))
+    return Unpadded(meta, input_ids_T, targets_T, supervised_T)
 
 
 def _unpad_dense(input_ids: Tensor, labels: Tensor | None, max_positions: int | None) -> Unpadded:
@@ -223,14 +228,19 @@ def _unpad_dense(input_ids: Tensor, labels: Tensor | None, max_positions: int | 
     return Unpadded(meta, input_ids.reshape(-1), targets_T, supervised_T)
 
 
-def _shift_targets(labels: Tensor | None, meta: VarlenMeta) -> Tensor | None:
-    """(T,), int64: label of the next token of the same document; IGNORE_INDEX at each doc's end."""
+def _shift_targets(labels: Tensor | None, meta: VarlenMeta, last_T: Tensor | None = None) -> Tensor | None:
+    """(T,), int64: label of the next token of the same document; IGNORE_INDEX at each doc's end.
+
+    `last_T` (T,) bool marks the last token of each document; None for a dense batch (one document
+    per row, no padding)."""
     if labels is None:
         return None
     labels_T = labels.reshape(-1)[meta.indices_T].long()
     targets_T = torch.roll(labels_T, -1)
-    targets_T[meta.cu_seqlens_N1[1:].long() - 1] = IGNORE_INDEX
-    return targets_T
+    if last_T is None:  # every row is one document: its last token is the row's last column
+        targets_T.view(meta.batch_size, meta.seq_len)[:, -1] = IGNORE_INDEX
+        return targets_T
+    return targets_T.masked_fill(last_T, IGNORE_INDEX)  # not an index_put: that would sync
 
 
 def _check_rows(real: np.ndarray, flags: np.ndarray, position_ids: Tensor | None) -> None:
