@@ -41,10 +41,34 @@ class PadFreeRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        dtype = x_TD.dtype
-        x_TD = x_TD.float()
-        x_TD = x_TD * torch.rsqrt(x_TD.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x_TD.to(dtype)
+        return _RMSNorm.apply(x_TD, self.weight, self.variance_epsilon)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """LlamaRMSNorm's forward, with a hand-written backward that keeps only the input and the
+    `[T,1]` fp32 inverse norms: autograd on the three-line formula would keep two fp32 copies of
+    `[T,D]` and a low-precision one per norm (about 5 GiB for 8k tokens of a 16-layer 2048-wide
+    model), which the backward recomputes here in one cheap pass."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, weight_D: Tensor, eps: float) -> Tensor:
+        rstd_T1 = torch.rsqrt(x_TD.float().pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x_TD, weight_D, rstd_T1)
+        return weight_D * (x_TD.float() * rstd_T1).to(x_TD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x_TD, weight_D, rstd_T1 = ctx.saved_tensors
+        n_TD = x_TD.float() * rstd_T1  # the normalized input, fp32
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_TD * n_TD.to(x_TD.dtype)).flatten(0, -2).sum(0).to(weight_D.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # y = n * w with n = x * rstd: dL/dx = rstd * (g - n * mean(g * n)), g = dL/dn.
+            g_TD = (grad_TD * weight_D).to(x_TD.dtype).float()
+            grad_x = (rstd_T1 * (g_TD - n_TD * (g_TD * n_TD).mean(-1, keepdim=True))).to(x_TD.dtype)
+        return grad_x, grad_weight, None
 
 
 class PadFreeRotary(nn.Module):
@@ -127,10 +151,32 @@ class PadFreeMLP(nn.Module):
         self.gate_proj = nn.Linear(D, F_, bias=config.mlp_bias)
         self.up_proj = nn.Linear(D, F_, bias=config.mlp_bias)
         self.down_proj = nn.Linear(F_, D, bias=config.mlp_bias)
+        self.hidden_act = config.hidden_act
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+        gate_TF, up_TF = self.gate_proj(x_TD), self.up_proj(x_TD)
+        if self.hidden_act == "silu":
+            return self.down_proj(_SiluMul.apply(gate_TF, up_TF))
+        return self.down_proj(self.act_fn(gate_TF) * up_TF)
+
+
+class _SiluMul(torch.autograd.Function):
+    """`silu(gate) * up` keeping only `gate` and `up` for backward (autograd would also keep
+    `silu(gate)`, a third `[T,F]` tensor per layer); the backward recomputes it and applies the
+    same ATen formulas autograd would, so gradients are bit-identical."""
+
+    @staticmethod
+    def forward(ctx, gate_TF: Tensor, up_TF: Tensor) -> Tensor:
+        ctx.save_for_backward(gate_TF, up_TF)
+        return torch.nn.functional.silu(gate_TF) * up_TF
+
+    @staticmethod
+    def backward(ctx, grad_TF: Tensor) -> tuple[Tensor, Tensor]:
+        gate_TF, up_TF = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad_TF * up_TF, gate_TF)
+        grad_up = grad_TF * torch.nn.functional.silu(gate_TF)
+        return grad_gate, grad_up
 
 
 class PadFreeDecoderLayer(nn.Module):
