@@ -20,7 +20,10 @@ What it does, with the composer launcher (`python -m composer.cli.launcher -n N 
 Per-step records come from a small logger destination (`StepRecord`, written to
 `<work>/step_record.py` and loaded by the YAML's `code_paths`): every rank writes
 `records/rank<r>.json` with, per step, the logged train loss (already averaged over ranks by
-Composer), a hash of the real tokens of its batch, its token counts and its logged throughput.
+Composer), a hash of each of its rows' real tokens, its token counts and its logged throughput.
+
+The same module registers our components in code if their entry points are missing (the project
+used from a checkout on PYTHONPATH without `pip install`, as on an offline GPU machine).
 
 Writes `<out>/multigpu.json` and `<out>/multigpu.md`. Every launched process gets
 `NCCL_NVLS_ENABLE=0` and `TORCH_SYMM_MEM_DISABLE_MULTICAST=1`: NVLink multicast (NVLS) is left
@@ -125,6 +128,31 @@ class StepRecord(LoggerDestination):
 
 
 loggers.register("step_record", func=StepRecord)
+
+
+def _register_missing_components():
+    """Register our components in code when their entry points are absent: the project used from a
+    checkout on PYTHONPATH, without `pip install` (as on a machine with no internet)."""
+    from importlib.metadata import entry_points
+
+    from llmfoundry import registry
+
+    names = {
+        ("models", "padfree_causal_lm"): "foundry_padfree.composer_model:ComposerPadFreeCausalLM",
+        ("dataloaders", "padfree_text"): "foundry_padfree.data.text:build_padfree_text_dataloader",
+        ("dataloaders", "padfree_finetuning"): "foundry_padfree.data.finetuning:build_padfree_finetuning_dataloader",
+        ("callbacks", "padfree_audit"): "foundry_padfree.callbacks:PadFreeAudit",
+        ("callbacks", "padfree_stats"): "foundry_padfree.callbacks:PadFreeStats",
+    }
+    import importlib
+
+    for (kind, name), target in names.items():
+        if not entry_points(group=f"llmfoundry_{kind}", name=name):
+            module, attr = target.split(":")
+            getattr(registry, kind).register(name, func=getattr(importlib.import_module(module), attr))
+
+
+_register_missing_components()
 '''
 
 
@@ -221,6 +249,8 @@ def launch(nprocs: int, yaml: Path, overrides: list[str], log_path: Path, timeou
     command = [sys.executable, "-m", "composer.cli.launcher", "-n", str(nprocs), "--stdout", rank_log,
                "--stderr", rank_log, str(TRAIN_SCRIPT), str(yaml), *overrides]  # fmt: skip
     env = {**os.environ, **DIST_ENV, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # The project importable from this checkout in every rank, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log_path.open("w") as log:
@@ -410,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
 
+    if str(REPO) not in sys.path:  # a checkout on no path: import the project from here
+        sys.path.insert(0, str(REPO))
     from foundry_padfree.demo import prepare
 
     start = time.perf_counter()
