@@ -203,7 +203,7 @@ class PadFreeDecoderLayer(nn.Module):
             attention_inputs, attention_output_and_mlp = _compiled_regions(self.compile_backend)
             for t in (x_TD, *rope):
                 torch._dynamo.maybe_mark_dynamic(t, 0)  # T changes every batch: trace it symbolic once
-        q_TNH, k_TKH, v_TKH = attention_inputs(self, x_TD, *rope)
+        q_TNH, k_TKH, v_TKH = _autocast_dtype(*attention_inputs(self, x_TD, *rope))
         o_TNH = backend.attend(q_TNH, k_TKH, v_TKH, meta, self.self_attn.scaling)
         if self.compile_backend is not None:
             torch._dynamo.maybe_mark_dynamic(o_TNH, 0)
@@ -213,6 +213,17 @@ class PadFreeDecoderLayer(nn.Module):
         """Run the two dense parts of the block through `torch.compile(backend=backend)`; the
         attention kernel stays as it is."""
         self.compile_backend = backend
+
+
+def _autocast_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The attention inputs in autocast's dtype when autocast is on (Composer's `amp_bf16`), as
+    autocast casts SDPA's. Under autocast the residual stream stays fp32, so RoPE's fp32 tables
+    make q and k fp32 while v comes out of its projection in bf16; varlen kernels take neither."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _attention_inputs(layer: PadFreeDecoderLayer, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor):

@@ -141,3 +141,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(ids, sequence_id=seq_id, labels=labels).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[name], msg=name)
+
+
+def test_autocast_hands_the_kernel_low_precision_inputs(monkeypatch):
+    # Composer's amp_bf16: fp32 weights and residual stream under autocast. The projections give
+    # bf16, RoPE's fp32 tables would promote q and k back to fp32; varlen kernels (flash, aten's
+    # varlen) take fp16/bf16 only, so every layer must hand the kernel one low-precision dtype.
+    from foundry_padfree import attention
+
+    model = tiny_model(attn_backend="sdpa")
+    seen = []
+    original = attention.BACKENDS["sdpa"].attend
+
+    def spy(q, k, v, meta, scale):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return original(q, k, v, meta, scale)
+
+    monkeypatch.setitem(attention.BACKENDS, "sdpa", attention.BACKENDS["sdpa"]._replace(attend=spy))
+    model.model._backends.clear()
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, sequence_id=torch.tensor([[0] * 4 + [1] * 5, [0] * 9]), labels=ids)
+    assert seen == [(torch.bfloat16,) * 3] * model.config.num_hidden_layers
+    assert torch.isfinite(out.loss)
+    seen.clear()
+    model(ids)  # no autocast: the model's own dtype, untouched
+    assert seen == [(torch.float32,) * 3] * model.config.num_hidden_layers
