@@ -38,8 +38,8 @@ LOCAL_PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT_GPU_TYPE = "H100"
 DEFAULT_GPUS = 8
 MAX_GPUS = 8  # GPUs in one Modal container
-# The first flash-attn release with prebuilt wheels for torch 2.7 (llm-foundry 0.22's pin); older
-# ones would compile from source (hours) on the image build.
+# A flash-attn release with prebuilt wheels for torch 2.7 (llm-foundry 0.22's pin). 2.7.4.post1
+# predates torch 2.7: its setup finds no wheel and compiles from source (hours) on the image build.
 FLASH_ATTN = "flash-attn==2.8.3"
 TIMEOUT_S = 24 * 3600  # Modal's longest function timeout
 # Set in every launched process's environment (see the module docstring).
@@ -117,12 +117,17 @@ def launch_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return {**(os.environ if base is None else base), "PYTHONUNBUFFERED": "1", **DIST_ENV}
 
 
+def check_run_name(run_name: str) -> None:
+    """Raises ValueError unless `run_name` is a plain folder name (it names the run's folder)."""
+    if not run_name or "/" in run_name or run_name.startswith("."):
+        raise ValueError(f"run_name={run_name!r} must be a plain folder name (no '/', not starting with '.').")
+
+
 @app.function(gpu=f"{DEFAULT_GPU_TYPE}:{DEFAULT_GPUS}", volumes={VOLUME_DIR: volume}, timeout=TIMEOUT_S)
 def train(yaml: str, gpus: int, overrides: list[str], run_name: str, volume_dir: str = VOLUME_DIR) -> int:
     """Launch `composer -n gpus` on the YAML; return its exit code. Checkpoints go to the Volume,
     under `<volume_dir>/runs/<run_name>/checkpoints`."""
-    if not run_name or "/" in run_name or run_name.startswith("."):
-        raise ValueError(f"run_name={run_name!r} must be a plain folder name (no '/', not starting with '.').")
+    check_run_name(run_name)
     run_dir = f"{volume_dir}/runs/{run_name}"
     command = build_command(yaml, gpus, [f"run_name={run_name}", *overrides], run_dir)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -144,6 +149,7 @@ def main(
 ) -> None:
     """`modal run scripts/modal_train.py --yaml ... [--gpus N --gpu-type T --overrides "k=v ..."]`."""
     override_list = shlex.split(overrides)
+    check_run_name(run_name)
     build_command(yaml, gpus, override_list, f"{VOLUME_DIR}/runs/{run_name}")  # fail here, before the GPUs start
     options: dict = {"gpu": f"{gpu_type}:{gpus}"}
     if secret:

@@ -409,14 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="writes multigpu.json and multigpu.md here")
     parser.add_argument("--work", type=Path, help="data, logs and checkpoints (default: <out>/work, replaced)")
     parser.add_argument("--cpu", action="store_true", help="2 CPU processes (gloo, DDP), the tiny model, fp32")
-    parser.add_argument("--batches", type=int, help="steps per run (default: 20 on GPU, 3 with --cpu)")
+    parser.add_argument("--batches", type=int, help="steps per run (default: 18 on GPU, 3 with --cpu)")
     parser.add_argument("--global-batch", type=int, help="rows per step, all devices (default: 16 GPU, 8 CPU)")
     parser.add_argument("--microbatch", type=int, help="rows per microbatch (default: 4 GPU, 2 CPU)")
     parser.add_argument("--max-seq-len", type=int, help="row length in tokens (default: 2048 GPU, 128 CPU)")
-    parser.add_argument("--max-documents", type=int, help="corpus documents (default: 4000 GPU, 300 CPU)")
+    parser.add_argument("--max-documents", type=int, help="corpus documents (default: all (about 6,300) GPU, 300 CPU)")
     args = parser.parse_args(argv)
     cpu = args.cpu
-    batches = args.batches or (3 if cpu else 20)
+    batches = args.batches or (3 if cpu else 18)
     if batches < 2:
         parser.error(f"--batches {batches}: at least 2 (a checkpoint halfway, then a resumed run).")
     global_batch = args.global_batch or (8 if cpu else 16)
@@ -445,10 +445,16 @@ def main(argv: list[str] | None = None) -> int:
     from foundry_padfree.demo import prepare
 
     start = time.perf_counter()
-    prepared = prepare(
-        work / "data", max_seq_len=max_seq_len, max_documents=args.max_documents or (300 if cpu else 4000)
-    )
+    max_documents = args.max_documents or (300 if cpu else None)
+    prepared = prepare(work / "data", max_seq_len=max_seq_len, max_documents=max_documents)
     print(f"prepared {prepared} in {time.perf_counter() - start:.0f}s", flush=True)
+    # All steps within one epoch: at an epoch's end 1 and 2 ranks may drop different remainders
+    # (the streaming dataset evens out the ranks' shares), and the steps would no longer match.
+    if prepared["train_rows"] < global_batch * batches:
+        raise SystemExit(
+            f"{prepared['train_rows']} training rows of {max_seq_len} tokens < {batches} steps x {global_batch} rows; "
+            "use fewer --batches, a smaller --global-batch or --max-seq-len, or more --max-documents."
+        )
     record_module = write_step_record(work / "step_record.py")
     half = batches // 2
     settings = {
