@@ -1,7 +1,9 @@
 """Train with foundry_padfree on Modal: N GPUs of one type, the composer launcher, a Volume for data
 and checkpoints.
 
-    modal run scripts/modal_train.py --yaml yamls/sft_llama3_1b.yaml --gpus 8
+    modal run scripts/modal_train.py --yaml yamls/sft_llama3_1b.yaml --gpus 8 --overrides \
+        "variables.model_dir=/vol/models/llama3.2-1b variables.tokenizer_dir=/vol/models/llama3.2-1b \
+         variables.data_files=/vol/data/sft/train.jsonl"
     modal run scripts/modal_train.py --yaml yamls/pretrain_smollm2_135m.yaml --gpus 2 --gpu-type H100 \\
         --overrides "max_duration=100ba variables.data_local=/vol/data/my-mds"
 
@@ -9,8 +11,9 @@ The image installs this project with its pinned dependencies (constraints.txt: t
 CUDA 12.6) and flash-attn (the `gpu` extra; the image build has internet, so flash-attn's setup
 fetches its prebuilt wheel for this torch, CUDA 12 and Python). The Volume `foundry-padfree` is
 mounted at /vol: put datasets under /vol/data (`modal volume put`), and checkpoints land in
-/vol/runs/<run_name>/checkpoints. Set `--secret NAME` to pass a Modal Secret (e.g. with
-WANDB_API_KEY or MLFLOW_TRACKING_URI) to the loggers.
+/vol/runs/<run_name>/checkpoints (the project YAMLs' HF export in /vol/runs/<run_name>/hf). Set
+`--secret NAME` to pass a Modal Secret (e.g. with WANDB_API_KEY or MLFLOW_TRACKING_URI) to the
+loggers.
 
 Every launched process gets `NCCL_NVLS_ENABLE=0` and `TORCH_SYMM_MEM_DISABLE_MULTICAST=1`:
 NVLink multicast (NVLS) stays off. Modal's GPUs are shared hosts, where multicast objects may be
@@ -105,7 +108,9 @@ def build_command(yaml: str, gpus: int, overrides: list[str], run_dir: str) -> l
     yaml_path = Path(yaml) if Path(yaml).is_absolute() else root / yaml
     if not yaml_path.is_file():
         raise FileNotFoundError(f"YAML {yaml!r} not found (looked at {yaml_path}); paths are relative to the project.")
-    run_overrides = [f"save_folder={run_dir}/checkpoints"]
+    # Checkpoints to the Volume; `variables.save_folder` also moves the HF export of the project's
+    # YAMLs there (`hf_checkpointer.save_folder: ${variables.save_folder}/hf`).
+    run_overrides = [f"save_folder={run_dir}/checkpoints", f"variables.save_folder={run_dir}"]
     return [
         sys.executable, "-m", "composer.cli.launcher", "-n", str(gpus),
         str(root / "scripts" / "train.py"), str(yaml_path), *run_overrides, *overrides,

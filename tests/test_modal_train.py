@@ -72,7 +72,8 @@ def test_build_command():
     assert command[5] == str(REPO / "scripts" / "train.py")
     assert command[6] == str(REPO / "yamls" / "padfree-llama-cpu.yaml")
     # Our save_folder first, so that a user override of it wins (OmegaConf applies them in order).
-    assert command[7:] == ["save_folder=/vol/runs/x/checkpoints", "max_duration=10ba"]
+    ours = ["save_folder=/vol/runs/x/checkpoints", "variables.save_folder=/vol/runs/x"]
+    assert command[7:] == [*ours, "max_duration=10ba"]
 
 
 @pytest.mark.parametrize(
