@@ -62,3 +62,17 @@ def padfree_data_spec(dataloader: Iterable, samples: Literal["documents", "rows"
         get_num_samples_in_batch=count_documents if samples == "documents" else count_rows,
         get_num_tokens_in_batch=count_tokens,
     )
+
+
+def worker_options(
+    num_workers: int, pin_memory: bool, prefetch_factor: int | None, persistent_workers: bool, timeout: int
+) -> dict[str, Any]:
+    """`torch.utils.data.DataLoader` worker keywords as a loader's YAML gives them; with
+    `num_workers: 0` the two that need workers are turned off (DataLoader rejects them otherwise)."""
+    return {
+        "num_workers": num_workers,
+        "pin_memory": pin_memory,
+        "prefetch_factor": prefetch_factor if num_workers > 0 else None,
+        "persistent_workers": persistent_workers and num_workers > 0,
+        "timeout": timeout,
+    }

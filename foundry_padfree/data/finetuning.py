@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from foundry_padfree.data.batch import Document, collate_rows
-from foundry_padfree.data.dataspec import padfree_data_spec
+from foundry_padfree.data.dataspec import padfree_data_spec, worker_options
 from foundry_padfree.data.packing import PACKING_MODES, PackedBatchSampler, PackedDataset
 from foundry_padfree.varlen import IGNORE_INDEX
 
@@ -277,11 +277,7 @@ def build_padfree_finetuning_dataloader(
         PackedDataset(base, sampler, truncated),
         batch_sampler=sampler,
         collate_fn=collator,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        persistent_workers=persistent_workers and num_workers > 0,
-        timeout=timeout,
+        **worker_options(num_workers, pin_memory, prefetch_factor, persistent_workers, timeout),
     )
     return padfree_data_spec(loader, samples="documents")
 

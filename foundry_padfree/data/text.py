@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from foundry_padfree.data.batch import Document, collate_rows
-from foundry_padfree.data.dataspec import padfree_data_spec
+from foundry_padfree.data.dataspec import padfree_data_spec, worker_options
 
 # The `dataset:` keys LLM-Foundry's text loader understands; anything else is a typo we report.
 _TEXT_DATASET_KEYS = (
@@ -211,10 +211,6 @@ def build_padfree_text_dataloader(
         batch_size=foundry_loader.batch_size,
         collate_fn=collator,
         drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        persistent_workers=persistent_workers and num_workers > 0,
-        timeout=timeout,
+        **worker_options(num_workers, pin_memory, prefetch_factor, persistent_workers, timeout),
     )
     return padfree_data_spec(loader, samples="rows")
