@@ -48,6 +48,39 @@ def test_fsdp_wraps_and_checkpoints_exactly_the_decoder_layers(model_dir):
     assert [m for m in inner.modules() if inner.activation_checkpointing_fn(m)] == chosen
 
 
+def test_activation_checkpointing_the_chosen_layers_keeps_loss_and_gradients(model_dir):
+    # What Composer does to an FSDP model with `activation_checkpointing: true`: wrap every module
+    # `activation_checkpointing_fn` picks in torch's non-reentrant checkpoint wrapper. The wrapped
+    # layers still get the one metadata object and must give the same loss and gradients.
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        CheckpointWrapper,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    plain, wrapped = composer_model(model_dir).model.train(), composer_model(model_dir).model.train()
+    apply_activation_checkpointing(
+        wrapped,
+        checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=wrapped.activation_checkpointing_fn,
+    )
+    checkpointed = [m for m in wrapped.modules() if isinstance(m, CheckpointWrapper)]
+    assert len(checkpointed) == wrapped.config.num_hidden_layers
+    assert all(isinstance(m._checkpoint_wrapped_module, PadFreeDecoderLayer) for m in checkpointed)
+    batch = packed_batch()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "sequence_id", "labels")}
+    loss_plain, loss_wrapped = plain(**inputs).loss, wrapped(**inputs).loss
+    loss_plain.backward()
+    loss_wrapped.backward()
+    torch.testing.assert_close(loss_wrapped, loss_plain, rtol=0, atol=0)
+    grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in wrapped.named_parameters()}
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_meta_init_then_param_init_fn_initializes_our_norms(model_dir):
     inner = composer_model(model_dir, init_device="meta").model
     assert all(p.is_meta for p in inner.parameters())
