@@ -219,6 +219,12 @@ def _interval(value: int, name: str) -> int:
     return value
 
 
+def _max_rows(value: int, name: str) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: max_rows={value!r} must be >= 1.")
+    return value
+
+
 def _due(state: State, interval: int, batch_finished: bool = False) -> bool:
     """Whether the current batch (0-based) is a multiple of `interval`. At `BATCH_END` Composer has
     already counted the current batch in `timestamp.batch`."""
@@ -232,14 +238,16 @@ def _probe_batch(batch: Mapping[str, Any], rows: list[int], with_labels: bool = 
     return {k: batch[k].index_select(0, index) for k in keys if batch.get(k) is not None}
 
 
-def _pick_rows(docs: BatchDocs, max_rows: int) -> list[int]:
-    """The row with the most documents first, then the other rows in order, `max_rows` at most."""
+def _pick_rows(docs: BatchDocs, max_rows: int) -> tuple[list[int], list[Document]]:
+    """The rows a probe uses, the row with the most documents first, then the other rows in order,
+    `max_rows` at most; and the documents in those rows."""
     if not docs.docs:
         raise ValueError(f"the batch has no documents to probe: {'; '.join(docs.problems)}")
     per_row = np.bincount([d.row for d in docs.docs], minlength=docs.shape[0])
     first = int(per_row.argmax())
     others = [r for r in range(docs.shape[0]) if r != first and per_row[r] > 0]
-    return [first, *others[: max_rows - 1]]
+    rows = [first, *others[: max_rows - 1]]
+    return rows, [d for d in docs.docs if d.row in rows]
 
 
 @contextlib.contextmanager
@@ -470,9 +478,7 @@ class PadFreeIsolation(Callback):
 
     def __init__(self, interval: int = 500, strict: bool = False, atol: float = 0.0, max_rows: int = 2):
         self.interval = _interval(interval, "padfree_isolation")
-        if max_rows < 1:
-            raise ValueError(f"padfree_isolation: max_rows={max_rows} must be >= 1.")
-        self.strict, self.atol, self.max_rows = strict, float(atol), max_rows
+        self.strict, self.atol, self.max_rows = strict, float(atol), _max_rows(max_rows, "padfree_isolation")
         self.summary: dict[str, float] = {"probes": 0}
 
     def init(self, state: State, logger: Logger) -> None:
@@ -482,9 +488,8 @@ class PadFreeIsolation(Callback):
         if not _due(state, self.interval, batch_finished=True):
             return
         docs = read_batch(state.batch)
-        rows = _pick_rows(docs, self.max_rows)
+        rows, row_docs = _pick_rows(docs, self.max_rows)
         probe = _probe_batch(state.batch, rows)
-        row_docs = [d for d in docs.docs if d.row in rows]
         target = next(d for d in row_docs if d.row == rows[0])  # the first document of the busiest row
         r = rows.index(target.row)
         vocab = _composer_model(state).config.vocab_size
@@ -556,9 +561,7 @@ class PadFreeParity(Callback):
         logits_rtol: float | None = None,
     ):
         self.interval = _interval(interval, "padfree_parity")
-        if max_rows < 1:
-            raise ValueError(f"padfree_parity: max_rows={max_rows} must be >= 1.")
-        self.strict, self.max_rows = strict, max_rows
+        self.strict, self.max_rows = strict, _max_rows(max_rows, "padfree_parity")
         self.loss_atol, self.logits_rtol = loss_atol, logits_rtol
         self.summary: dict[str, float] = {"probes": 0}
         self._reference: nn.Module | None = None
@@ -570,11 +573,10 @@ class PadFreeParity(Callback):
         if not _due(state, self.interval, batch_finished=True):
             return
         docs = read_batch(state.batch)
-        rows = _pick_rows(docs, self.max_rows)
+        rows, row_docs = _pick_rows(docs, self.max_rows)
         probe = _probe_batch(state.batch, rows, with_labels=True)
         if "labels" not in probe:
             raise ValueError("padfree_parity compares losses and needs batches with labels.")
-        row_docs = [d for d in docs.docs if d.row in rows]
         with _ProbeClock.measure(state):
             loss_ours, loss_ref, logits_diff, logits_rel = self._compare(state, probe, rows, row_docs)
         loss_diff = abs(loss_ours - loss_ref)

@@ -76,3 +76,10 @@ def worker_options(
         "persistent_workers": persistent_workers and num_workers > 0,
         "timeout": timeout,
     }
+
+
+# For LLM-Foundry's own dataloader builders, which we call only for the dataset they build: their
+# DataLoader is never iterated, so it gets no workers.
+FOUNDRY_BUILDER_WORKERS = worker_options(
+    num_workers=0, pin_memory=False, prefetch_factor=None, persistent_workers=False, timeout=0
+)

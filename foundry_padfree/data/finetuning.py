@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from foundry_padfree.data.batch import Document, collate_rows
-from foundry_padfree.data.dataspec import padfree_data_spec, worker_options
+from foundry_padfree.data.dataspec import FOUNDRY_BUILDER_WORKERS, padfree_data_spec, worker_options
 from foundry_padfree.data.packing import PACKING_MODES, PackedBatchSampler, PackedDataset
 from foundry_padfree.varlen import IGNORE_INDEX
 
@@ -240,11 +240,8 @@ def build_padfree_finetuning_dataloader(
         tokenizer=tokenizer,
         device_batch_size=device_batch_size,
         dataset=dataset_cfg,
-        num_workers=0,
         drop_last=False,
-        pin_memory=False,
-        prefetch_factor=None,
-        persistent_workers=False,
+        **FOUNDRY_BUILDER_WORKERS,
     ).dataloader
     assert isinstance(foundry_loader, DataLoader), f"LLM-Foundry returned {type(foundry_loader)}"
     base = foundry_loader.dataset

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from foundry_padfree.data.batch import Document, collate_rows
-from foundry_padfree.data.dataspec import padfree_data_spec, worker_options
+from foundry_padfree.data.dataspec import FOUNDRY_BUILDER_WORKERS, padfree_data_spec, worker_options
 
 # The `dataset:` keys LLM-Foundry's text loader understands; anything else is a typo we report.
 _TEXT_DATASET_KEYS = (
@@ -200,10 +200,7 @@ def build_padfree_text_dataloader(
         device_batch_size=device_batch_size,
         dataset=dataset_cfg,
         drop_last=drop_last,
-        num_workers=0,
-        pin_memory=False,
-        prefetch_factor=None,
-        persistent_workers=False,
+        **FOUNDRY_BUILDER_WORKERS,
     ).dataloader
     assert isinstance(foundry_loader, DataLoader), f"LLM-Foundry returned {type(foundry_loader)}"
     loader = DataLoader(
