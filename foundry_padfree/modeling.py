@@ -52,9 +52,10 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, weight_D: Tensor, eps: float) -> Tensor:
-        rstd_T1 = torch.rsqrt(x_TD.float().pow(2).mean(-1, keepdim=True) + eps)
+        x32_TD = x_TD.float()
+        rstd_T1 = torch.rsqrt(x32_TD.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x_TD, weight_D, rstd_T1)
-        return weight_D * (x_TD.float() * rstd_T1).to(x_TD.dtype)
+        return weight_D * (x32_TD * rstd_T1).to(x_TD.dtype)
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None]:

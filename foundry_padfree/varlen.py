@@ -169,12 +169,14 @@ def unpad(
                 f"max_position_embeddings ({max_positions}); truncate or split it (max_seq_len)."
             )
         positions = np.arange(T) - np.repeat(starts_N, doc_lens)
-    supervised_T = None
+    supervised_T = last_T = None
     if labels is not None:
         # The target of token t is the label at t+1, unless t ends its document.
-        has_target = np.append((flags.reshape(-1)[indices[1:]] & _SUPERVISED).astype(bool), False)
-        has_target[cu_seqlens[1:] - 1] = False
+        last = np.zeros(T, dtype=bool)
+        last[cu_seqlens[1:] - 1] = True
+        has_target = np.append((flags.reshape(-1)[indices[1:]] & _SUPERVISED).astype(bool), False) & ~last
         supervised_T = _to_device(np.flatnonzero(has_target), torch.int64, device)
+        last_T = _to_device(last, torch.bool, device)
 
     indices_T = _to_device(indices, torch.int64, device)
     cu_seqlens_N1 = _to_device(cu_seqlens, torch.int32, device)
@@ -192,11 +194,7 @@ def unpad(
         seq_len=S,
     )
     input_ids_T = input_ids.reshape(-1)[indices_T]
-    targets_T = None
-    if labels is not None:
-        last = np.zeros(T, dtype=bool)
-        last[cu_seqlens[1:] - 1] = True
-        targets_T = _shift_targets(labels, meta, _to_device(last, torch.bool, device))
+    targets_T = _shift_targets(labels, meta, last_T) if labels is not None else None
     return Unpadded(meta, input_ids_T, targets_T, supervised_T)
 
 
