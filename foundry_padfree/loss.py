@@ -15,6 +15,7 @@ import functools
 import torch
 from torch import Tensor
 
+from foundry_padfree import kernels
 from foundry_padfree.varlen import IGNORE_INDEX
 
 
@@ -83,6 +84,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         need_grad: bool,
         compile_backend: str | None,
+        fused: bool,
     ) -> Tensor:
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_TD.device)
         grad_h_TD = torch.empty_like(h_TD) if need_grad else None
@@ -102,7 +104,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 valid_C = t_C != IGNORE_INDEX
                 t_C = t_C.clamp(min=0)
                 logits_CV = h_CD @ w_VD.t()
-                if compile_backend is not None and need_grad:
+                if fused and need_grad and kernels.usable(logits_CV):
+                    # In place: the gradient overwrites the logits, no other [C,V] tensor exists.
+                    nll_sum = (kernels.cross_entropy_grad_(logits_CV, t_C) * valid_C).sum()
+                    g_CV = logits_CV
+                elif compile_backend is not None and need_grad:
                     for t in (logits_CV, t_C, valid_C):
                         torch._dynamo.maybe_mark_dynamic(t, 0)  # the last chunk is shorter
                     nll_sum, g_CV = _compiled_nll_and_grad(compile_backend)(logits_CV, t_C, valid_C)
@@ -124,7 +130,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h_TD, grad_w_VD = ctx.saved_tensors
         grad_h = grad_h_TD * grad_loss.to(grad_h_TD.dtype) if ctx.needs_input_grad[0] else None
         grad_w = (grad_w_VD * grad_loss).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -134,6 +140,7 @@ def linear_cross_entropy(
     chunk: int = 4096,
     reduction: str = "mean",
     compile_backend: str | None = None,
+    fused: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of `h_TD @ weight_VD.T` against `targets_T`, computed `chunk` tokens at a time.
 
@@ -146,6 +153,8 @@ def linear_cross_entropy(
             microbatch contributes nothing instead of NaN) or `sum`.
         compile_backend: compute each chunk's softmax gradient with `torch.compile(backend=...)`
             (one fused pass over the logits instead of several), or eagerly when None. Same result.
+        fused: compute it with the in-place Triton kernel instead where `kernels.usable` (CUDA):
+            two reads and one write of each chunk's logits, no fp32 `[C,V]` temporary.
 
     Returns:
         (loss, number of tokens with a target), both 0-dim tensors on the device (no sync).
@@ -154,7 +163,7 @@ def linear_cross_entropy(
         raise ValueError(f"loss reduction={reduction!r} is not supported; use 'mean' or 'sum'.")
     num_targets = (targets_T != IGNORE_INDEX).sum()
     need_grad = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
-    loss_sum = _ChunkedLinearCrossEntropy.apply(h_TD, weight_VD, targets_T, chunk, need_grad, compile_backend)
+    loss_sum = _ChunkedLinearCrossEntropy.apply(h_TD, weight_VD, targets_T, chunk, need_grad, compile_backend, fused)
     if reduction == "sum":
         return loss_sum, num_targets
     return loss_sum / num_targets.clamp(min=1), num_targets

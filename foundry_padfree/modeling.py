@@ -22,6 +22,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
+from foundry_padfree import kernels
 from foundry_padfree.attention import Backend, resolve_backend
 from foundry_padfree.config import PadFreeLlamaConfig
 from foundry_padfree.loss import linear_cross_entropy
@@ -33,14 +34,17 @@ _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class PadFreeRMSNorm(nn.Module):
-    """LlamaRMSNorm, bit for bit: normalize in fp32, cast back, then scale."""
+    """LlamaRMSNorm: normalize in fp32, cast back, then scale (one Triton kernel when `fused`)."""
 
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, fused: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.fused = fused
 
     def forward(self, x_TD: Tensor) -> Tensor:
+        if self.fused and kernels.usable(x_TD):
+            return kernels.rms_norm(x_TD, self.weight, self.variance_epsilon)
         return _RMSNorm.apply(x_TD, self.weight, self.variance_epsilon)
 
 
@@ -110,7 +114,9 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _apply_rope(x_TNH: Tensor, cos_TH: Tensor, sin_TH: Tensor) -> Tensor:
+def _apply_rope(x_TNH: Tensor, cos_TH: Tensor, sin_TH: Tensor, fused: bool = False) -> Tensor:
+    if fused and kernels.usable(x_TNH):
+        return kernels.rope(x_TNH, cos_TH, sin_TH)
     return x_TNH * cos_TH[:, None] + _rotate_half(x_TNH) * sin_TH[:, None]
 
 
@@ -129,6 +135,7 @@ class PadFreeAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
+        self.fused = config.fused_kernels
         bias = config.attention_bias
         D, H = config.hidden_size, self.head_dim
         self.q_proj = nn.Linear(D, self.num_heads * H, bias=bias)
@@ -142,7 +149,8 @@ class PadFreeAttention(nn.Module):
         q_TNH = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
         k_TKH = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
         v_TKH = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
-        return _apply_rope(q_TNH, cos_TH, sin_TH), _apply_rope(k_TKH, cos_TH, sin_TH), v_TKH
+        q_TNH = _apply_rope(q_TNH, cos_TH, sin_TH, self.fused)
+        return q_TNH, _apply_rope(k_TKH, cos_TH, sin_TH, self.fused), v_TKH
 
 
 class PadFreeMLP(nn.Module):
@@ -154,30 +162,86 @@ class PadFreeMLP(nn.Module):
         self.down_proj = nn.Linear(F_, D, bias=config.mlp_bias)
         self.hidden_act = config.hidden_act
         self.act_fn = ACT2FN[config.hidden_act]
+        self.fused = config.fused_kernels
+        self.recompute = config.recompute_mlp
 
     def forward(self, x_TD: Tensor) -> Tensor:
         gate_TF, up_TF = self.gate_proj(x_TD), self.up_proj(x_TD)
-        if self.hidden_act == "silu":
-            return self.down_proj(_SiluMul.apply(gate_TF, up_TF))
-        return self.down_proj(self.act_fn(gate_TF) * up_TF)
+        if self.hidden_act != "silu":
+            return self.down_proj(self.act_fn(gate_TF) * up_TF)
+        fused = self.fused and kernels.usable(gate_TF)
+        # A wrapped down_proj (LoRA, quantized) keeps its own forward; only nn.Linear is folded in.
+        if self.recompute and type(self.down_proj) is nn.Linear:
+            return _SiluMulDown.apply(gate_TF, up_TF, self.down_proj.weight, self.down_proj.bias, fused)
+        return self.down_proj(_SiluMul.apply(gate_TF, up_TF, fused))
+
+
+def _silu_mul(gate_TF: Tensor, up_TF: Tensor, fused: bool) -> Tensor:
+    if fused:
+        return kernels.silu_mul(gate_TF.contiguous(), up_TF.contiguous())
+    return torch.nn.functional.silu(gate_TF) * up_TF
+
+
+def _silu_mul_backward(grad_TF: Tensor, gate_TF: Tensor, up_TF: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    if fused:
+        return kernels.silu_mul_backward(grad_TF, gate_TF.contiguous(), up_TF.contiguous())
+    # The ATen formulas autograd applies to `silu(gate) * up`, so gradients are bit-identical.
+    grad_gate = torch.ops.aten.silu_backward(grad_TF * up_TF, gate_TF)
+    return grad_gate, grad_TF * torch.nn.functional.silu(gate_TF)
 
 
 class _SiluMul(torch.autograd.Function):
     """`silu(gate) * up` keeping only `gate` and `up` for backward (autograd would also keep
-    `silu(gate)`, a third `[T,F]` tensor per layer); the backward recomputes it and applies the
-    same ATen formulas autograd would, so gradients are bit-identical."""
+    `silu(gate)`, a third `[T,F]` tensor per layer); the backward recomputes it."""
 
     @staticmethod
-    def forward(ctx, gate_TF: Tensor, up_TF: Tensor) -> Tensor:
+    def forward(ctx, gate_TF: Tensor, up_TF: Tensor, fused: bool) -> Tensor:
         ctx.save_for_backward(gate_TF, up_TF)
-        return torch.nn.functional.silu(gate_TF) * up_TF
+        ctx.fused = fused
+        return _silu_mul(gate_TF, up_TF, fused)
 
     @staticmethod
-    def backward(ctx, grad_TF: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx, grad_TF: Tensor) -> tuple[Tensor, Tensor, None]:
         gate_TF, up_TF = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad_TF * up_TF, gate_TF)
-        grad_up = grad_TF * torch.nn.functional.silu(gate_TF)
-        return grad_gate, grad_up
+        return *_silu_mul_backward(grad_TF, gate_TF, up_TF, ctx.fused), None
+
+
+class _SiluMulDown(torch.autograd.Function):
+    """`down_proj(silu(gate) * up)` keeping `gate`, `up` and the weight, not their `[T,F]` product,
+    which the backward recomputes: `PadFreeLlamaConfig.recompute_mlp`.
+
+    Under autocast the product and the weight are cast to autocast's dtype as `nn.Linear` would be,
+    and that cast weight is what is kept (autocast's linear keeps the same copy)."""
+
+    @staticmethod
+    def forward(ctx, gate_TF: Tensor, up_TF: Tensor, weight_DF: Tensor, bias_D: Tensor | None, fused: bool) -> Tensor:
+        device_type = gate_TF.device.type
+        dtype = torch.promote_types(gate_TF.dtype, up_TF.dtype)
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            gate_TF, up_TF, w_DF = gate_TF.to(dtype), up_TF.to(dtype), weight_DF.to(dtype)
+            out_TD = torch.nn.functional.linear(
+                _silu_mul(gate_TF, up_TF, fused), w_DF, None if bias_D is None else bias_D.to(dtype)
+            )
+        ctx.save_for_backward(gate_TF, up_TF, w_DF)
+        ctx.fused, ctx.has_bias = fused, bias_D is not None
+        ctx.dtypes = (weight_DF.dtype, None if bias_D is None else bias_D.dtype)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):
+        gate_TF, up_TF, w_DF = ctx.saved_tensors
+        grad_TD = grad_TD.to(w_DF.dtype)
+        h_TF = _silu_mul(gate_TF, up_TF, ctx.fused)
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_w = (grad_TD.flatten(0, -2).t() @ h_TF.flatten(0, -2)).to(ctx.dtypes[0])
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad_TD.flatten(0, -2).sum(0).to(ctx.dtypes[1])
+        del h_TF
+        grad_gate, grad_up = _silu_mul_backward(grad_TD @ w_DF, gate_TF, up_TF, ctx.fused)
+        return grad_gate, grad_up, grad_w, grad_b, None
 
 
 class PadFreeDecoderLayer(nn.Module):
@@ -194,8 +258,8 @@ class PadFreeDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = PadFreeAttention(config, layer_idx)
         self.mlp = PadFreeMLP(config)
-        self.input_layernorm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
+        self.post_attention_layernorm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
         self.compile_backend: str | None = None  # set by compile_regions; None runs eagerly
 
     def forward(self, x_TD: Tensor, meta: VarlenMeta, rope: tuple[Tensor, Tensor], backend: Backend) -> Tensor:
@@ -274,7 +338,7 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(PadFreeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
         self.rotary_emb = PadFreeRotary(config)
         self.gradient_checkpointing = False
         self._backends: dict[tuple[str, str], Backend] = {}
@@ -420,6 +484,7 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                 self.config.loss_chunk_size,
                 loss_reduction,
                 compile_backend=self.loss_compile_backend,
+                fused=self.config.fused_kernels,
             )
         if return_logits is None:
             return_logits = labels is None or not self.training

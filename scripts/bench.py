@@ -206,11 +206,18 @@ def hf_model(shape: str, device: torch.device, dtype: torch.dtype, use_cache: bo
     return model.to(dtype)
 
 
-def ours_model(shape: str, backend: str, compile_backend: str | None, device: torch.device, dtype: torch.dtype):
+def ours_model(
+    shape: str,
+    backend: str,
+    compile_backend: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    overrides: dict[str, Any] | None = None,
+):
     from foundry_padfree import PadFreeLlamaConfig, PadFreeLlamaForCausalLM
 
     config = PadFreeLlamaConfig(
-        **SHAPES[shape], attn_backend=backend, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2
+        **SHAPES[shape], attn_backend=backend, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2, **(overrides or {})
     )
     torch.manual_seed(0)
     with torch.device(device):
@@ -421,8 +428,10 @@ def run_system(
     else:
         compiled = system == "ours_compiled"
         backend = args.compiled_backend if compiled else system.removeprefix("ours_eager_")
-        model = ours_model(shape, backend, compiled and args.compile_backend, device, dtype)
+        model = ours_model(shape, backend, compiled and args.compile_backend, device, dtype, args.ours_config)
         info["attn_backend"] = model.model.attention_backend(device).name
+        if args.ours_config:
+            info["config"] = args.ours_config
         if compiled:
             info["compiled"] = f"model.compile_layers({args.compile_backend!r})"
     params = sum(p.numel() for p in model.parameters())
@@ -586,6 +595,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps of random length mixes after warm-up: ours_compiled's recompile count")  # fmt: skip
     p.add_argument("--compiled-backend", default="auto", help="attention backend of ours_compiled")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of ours_compiled")
+    p.add_argument(
+        "--ours-config",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="PadFreeLlamaConfig fields for our systems, e.g. fused_kernels=false recompute_mlp=false",
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="alpaca_eval .jsonl or its lengths .json")
     p.add_argument("--max-doc-len", type=int, default=2048, help="examples are cut at this many tokens")
     p.add_argument("--concat-row-len", type=int, default=2048, help="row length of hf_concat")
@@ -612,7 +628,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )  # fmt: skip
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.ours_config = dict(_config_value(item) for item in args.ours_config)
     return args
+
+
+def _config_value(item: str) -> tuple[str, Any]:
+    """`FIELD=VALUE` from the command line, VALUE read as YAML would (true, 8192, flex)."""
+    field, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--ours-config {item!r}: expected FIELD=VALUE, e.g. fused_kernels=false")
+    return field, {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -90,3 +90,104 @@ def test_model_logits_and_loss_in_bf16(backend):
     print(f"{backend} model loss: ours {loss.item():.5f} torch bf16 {pt_loss.item():.5f} fp32 {ref_loss.item():.5f}")
     assert err <= 2 * pt_err + 1e-4
     assert abs(loss - ref_loss) <= 2 * abs(pt_loss - ref_loss) + 1e-3
+
+
+def _needs_triton() -> None:
+    from foundry_padfree import kernels
+
+    if not torch.cuda.is_available() or not kernels.usable(torch.zeros(1, device="cuda")):
+        pytest.skip("the fused kernels need CUDA and Triton")
+
+
+def _err_vs_fp32(fn, inputs32, grad32):
+    """Max abs errors of fn's bf16 output and input gradients against fn on fp32 inputs."""
+
+    def run(dtype):
+        xs = [x.detach().to(dtype).requires_grad_(x.is_floating_point()) for x in inputs32]
+        out = fn(*xs)
+        grads = torch.autograd.grad(out, [x for x in xs if x.requires_grad], grad32.to(out.dtype))
+        return [out, *grads]
+
+    return run
+
+
+@pytest.mark.parametrize("kernel", ["rms_norm", "rope", "silu_mul", "cross_entropy"])
+def test_fused_kernels_at_llama_1b_sizes_against_fp32(kernel):
+    # Ours: the Triton kernel in bf16. Theirs: the PyTorch formula in bf16. Both against fp32.
+    _needs_triton()
+    from foundry_padfree import kernels
+    from foundry_padfree.loss import _nll_and_grad
+    from foundry_padfree.modeling import _apply_rope, _RMSNorm, _SiluMul
+
+    torch.manual_seed(0)
+    T = 3000
+    if kernel == "rms_norm":
+        inputs = [torch.randn(T, 2048, device="cuda"), 1 + 0.1 * torch.randn(2048, device="cuda")]
+        ours, theirs = (lambda x, w: kernels.rms_norm(x, w, 1e-5)), (lambda x, w: _RMSNorm.apply(x, w, 1e-5))
+        grad = torch.randn(T, 2048, device="cuda")
+    elif kernel == "rope":
+        freqs = torch.arange(T, device="cuda")[:, None] * 500000.0 ** -(torch.arange(32, device="cuda") / 32)
+        cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
+        inputs = [torch.randn(T, 32, 64, device="cuda")]
+        ours = lambda x: kernels.rope(x, cos.to(x.dtype), sin.to(x.dtype))  # noqa: E731
+        theirs = lambda x: _apply_rope(x, cos.to(x.dtype), sin.to(x.dtype))  # noqa: E731
+        grad = torch.randn(T, 32, 64, device="cuda")
+    elif kernel == "silu_mul":
+        inputs = [2 * torch.randn(T, 8192, device="cuda"), torch.randn(T, 8192, device="cuda")]
+        ours, theirs = (lambda g, u: _SiluMul.apply(g, u, True)), (lambda g, u: _SiluMul.apply(g, u, False))
+        grad = torch.randn(T, 8192, device="cuda")
+    else:
+        V = 128256
+        logits32, targets = 4 * torch.randn(512, V, device="cuda"), torch.randint(0, V, (512,), device="cuda")
+        valid = torch.ones(512, device="cuda")
+        ref_nll, ref_grad = _nll_and_grad(logits32, targets, valid, True)
+        pt_nll, pt_grad = _nll_and_grad(logits32.bfloat16(), targets, valid, True)
+        logits = logits32.bfloat16()
+        nll = kernels.cross_entropy_grad_(logits, targets).sum()
+        print(f"cross_entropy nll: ours {nll.item():.6f} torch bf16 {pt_nll.item():.6f} fp32 {ref_nll.item():.6f}")
+        assert abs(nll - ref_nll) <= 2 * abs(pt_nll - ref_nll) + 1e-3 * abs(ref_nll)
+        err, pt_err = _bound(logits, pt_grad, ref_grad)
+        print(f"cross_entropy grad: max|ours-fp32|={err:.3e} max|torch bf16-fp32|={pt_err:.3e}")
+        assert err <= 2 * pt_err + 1e-6
+        return
+    ref = _err_vs_fp32(theirs, inputs, grad)(torch.float32)
+    pt = _err_vs_fp32(theirs, inputs, grad)(torch.bfloat16)
+    mine = _err_vs_fp32(ours, inputs, grad)(torch.bfloat16)
+    for i, (o, p, r) in enumerate(zip(mine, pt, ref)):
+        err, pt_err = _bound(o, p, r.float())
+        print(f"{kernel} output/grad {i}: max|ours-fp32|={err:.3e} max|torch bf16-fp32|={pt_err:.3e}")
+        assert err <= 2 * pt_err + 1e-5, (i, err, pt_err)
+
+
+@pytest.mark.parametrize("recompute_mlp", [False, True])
+def test_training_step_on_the_fused_kernels_in_bf16(recompute_mlp):
+    _needs_triton()
+    torch.manual_seed(0)
+    lens = [1, 40, 300, 77, 600, 5]
+    positions = torch.cat([torch.arange(n) for n in lens])[None].cuda()
+    ids = torch.randint(3, 97, positions.shape, device="cuda")
+    labels = ids.clone()
+    labels[0, 50:120] = -100
+    shape = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=1024, attn_backend="auto")  # fmt: skip
+    reference = tiny_model(**shape)
+
+    def run(dtype, fused):
+        model = tiny_model(**shape, fused_kernels=fused, recompute_mlp=recompute_mlp).train()
+        model.load_state_dict(reference.state_dict())
+        model = model.to("cuda", dtype)
+        loss = model(ids, position_ids=positions, labels=labels).loss
+        loss.backward()
+        return loss.float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = run(torch.float32, False)
+    pt_loss, pt_grads = run(torch.bfloat16, False)
+    loss, grads = run(torch.bfloat16, True)
+    print(f"loss: fused {loss.item():.5f} torch bf16 {pt_loss.item():.5f} fp32 {ref_loss.item():.5f}")
+    assert abs(loss - ref_loss) <= 2 * abs(pt_loss - ref_loss) + 1e-3
+    worst = 0.0
+    for name, ref in ref_grads.items():
+        err, pt_err = _bound(grads[name], pt_grads[name], ref)
+        worst = max(worst, err / (pt_err + 1e-6))
+        assert err <= 2 * pt_err + 1e-5, (name, err, pt_err)
+    print(f"worst parameter-gradient error ratio fused/torch bf16: {worst:.2f}")

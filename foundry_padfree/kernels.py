@@ -1,0 +1,293 @@
+"""Fused Triton kernels for the elementwise parts of a Llama block, for eager CUDA runs.
+
+Shape legend: T tokens, D hidden size, N heads, H head dim, F MLP width, C tokens of a loss chunk,
+V vocabulary.
+
+Run eagerly, each of RMSNorm, RoPE, SiLU-gated MLP and the cross-entropy gradient is a chain of
+small PyTorch kernels, each reading and writing a `[T,D]`/`[T,F]`/`[C,V]` tensor (about a quarter
+of a 1B-parameter model's eager step on an H200 goes there). Here each is one kernel forward and
+one backward, computing in fp32 and rounding where the PyTorch formulas round, so results match
+them to within one unit of the output dtype. `torch.compile` fuses the same formulas itself, so
+the model uses these only outside compiled code (`usable`).
+
+Every function here takes contiguous tensors and falls back to nothing: callers check `usable`.
+With `TRITON_INTERPRET=1` set before import, the kernels run on CPU tensors (slowly), which is how
+the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - torch's CUDA wheels ship Triton; CPU-only installs may not
+    triton = tl = None
+
+
+def usable(x: Tensor) -> bool:
+    """Whether the Triton kernels can run on `x`: Triton installed, `x` on CUDA (or any device
+    under `TRITON_INTERPRET=1`), and not inside `torch.compile`, which fuses the PyTorch formulas."""
+    return HAS_TRITON and (x.is_cuda or INTERPRET) and not torch.compiler.is_compiling()
+
+
+def _row_warps(block: int) -> int:
+    return 4 if block < 2048 else 8 if block < 8192 else 16
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm: y = w * (x * rstd).to(x.dtype), rstd = 1 / sqrt(mean(x^2) + eps), as LlamaRMSNorm.
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(X, W, Y, RSTD, D, eps, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        n = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * D + cols, (w * n).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, T, D, rows_per_program, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        first = pid.to(tl.int64) * rows_per_program
+        for i in range(rows_per_program):
+            row = first + i
+            if row < T:
+                dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(RSTD + row)
+                n = x * rstd
+                dw += dy * n.to(X.dtype.element_ty).to(tl.float32)
+                # dL/dn rounded to x's dtype, as `(grad * weight).to(x.dtype)` in the PyTorch backward.
+                g = (dy * w).to(X.dtype.element_ty).to(tl.float32)
+                dx = rstd * (g - n * (tl.sum(g * n, axis=0) / D))
+                tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DW_PARTIAL + pid * D + cols, dw, mask=mask)
+
+
+class _RMSNormTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, weight_D: Tensor, eps: float) -> Tensor:
+        D = x_TD.shape[-1]
+        x2_TD = x_TD.reshape(-1, D).contiguous()
+        T = x2_TD.shape[0]
+        y_TD = torch.empty(x2_TD.shape, dtype=torch.promote_types(x_TD.dtype, weight_D.dtype), device=x_TD.device)
+        rstd_T = torch.empty(T, dtype=torch.float32, device=x_TD.device)
+        block = triton.next_power_of_2(D)
+        if T:
+            warps = _row_warps(block)
+            _rms_norm_fwd_kernel[(T,)](x2_TD, weight_D, y_TD, rstd_T, D, eps, BLOCK_D=block, num_warps=warps)
+        ctx.save_for_backward(x2_TD, weight_D, rstd_T)
+        ctx.x_shape = x_TD.shape
+        return y_TD.view(x_TD.shape)
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor) -> tuple[Tensor, Tensor, None]:
+        x_TD, weight_D, rstd_T = ctx.saved_tensors
+        T, D = x_TD.shape
+        grad_TD = grad_TD.reshape(T, D).contiguous()
+        grad_x_TD = torch.empty_like(x_TD)
+        programs = max(1, min(T, 4 * _num_sms(x_TD.device)))
+        rows_per_program = triton.cdiv(T, programs) if T else 1
+        dw_partial_PD = torch.zeros(programs, D, dtype=torch.float32, device=x_TD.device)
+        block = triton.next_power_of_2(D)
+        if T:
+            _rms_norm_bwd_kernel[(programs,)](
+                grad_TD, x_TD, weight_D, rstd_T, grad_x_TD, dw_partial_PD, T, D, rows_per_program,
+                BLOCK_D=block, num_warps=_row_warps(block),
+            )  # fmt: skip
+        grad_w = dw_partial_PD.sum(0).to(weight_D.dtype)
+        return grad_x_TD.view(ctx.x_shape), grad_w, None
+
+
+def rms_norm(x_TD: Tensor, weight_D: Tensor, eps: float) -> Tensor:
+    """LlamaRMSNorm of `x_TD` (..., D) with weight (D,): one kernel forward, one backward, which
+    keeps only `x` and the `[T]` fp32 inverse norms."""
+    return _RMSNormTriton.apply(x_TD, weight_D, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# SiLU-gated product: h = silu(gate) * up, silu rounded to the inputs' dtype first, as in PyTorch.
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _silu_mul_fwd_kernel(G, U, H, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty).to(tl.float32)
+        tl.store(H + offs, (s * u).to(H.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_mul_bwd_kernel(DH, G, U, DG, DU, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        s = (g * sig).to(G.dtype.element_ty).to(tl.float32)
+        # As ATen: silu_backward(dh * up, gate) and dh * silu(gate), each product rounded.
+        dhu = (dh * u).to(DG.dtype.element_ty).to(tl.float32)
+        tl.store(DG + offs, (dhu * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
+        tl.store(DU + offs, (dh * s).to(DU.dtype.element_ty), mask=mask)
+
+
+_ELEMENTWISE_BLOCK = 2048
+
+
+def silu_mul(gate_TF: Tensor, up_TF: Tensor) -> Tensor:
+    """`silu(gate) * up` for two contiguous tensors of one shape and dtype (no autograd)."""
+    h_TF = torch.empty_like(gate_TF)
+    n = gate_TF.numel()
+    if n:
+        grid = (triton.cdiv(n, _ELEMENTWISE_BLOCK),)
+        _silu_mul_fwd_kernel[grid](gate_TF, up_TF, h_TF, n, BLOCK=_ELEMENTWISE_BLOCK, num_warps=8)
+    return h_TF
+
+
+def silu_mul_backward(grad_TF: Tensor, gate_TF: Tensor, up_TF: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of `silu(gate) * up` with respect to gate and up, in one pass."""
+    grad_TF = grad_TF.contiguous()
+    grad_gate_TF, grad_up_TF = torch.empty_like(gate_TF), torch.empty_like(up_TF)
+    n = gate_TF.numel()
+    if n:
+        grid = (triton.cdiv(n, _ELEMENTWISE_BLOCK),)
+        _silu_mul_bwd_kernel[grid](
+            grad_TF, gate_TF, up_TF, grad_gate_TF, grad_up_TF, n, BLOCK=_ELEMENTWISE_BLOCK, num_warps=8
+        )
+    return grad_gate_TF, grad_up_TF
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE on (T, N, H) heads: y = x * cos + rotate_half(x) * sin. The tables are `cat(f, f)` along H
+# (HF's layout), so only their first half is read.
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rope_kernel(
+        X, COS, SIN, Y, N, H2, stride_xt, stride_xn, stride_ct, sign,
+        BLOCK_N: tl.constexpr, BLOCK_H2: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0).to(tl.int64)
+        heads = tl.arange(0, BLOCK_N)[:, None]
+        dims = tl.arange(0, BLOCK_H2)[None, :]
+        mask = (heads < N) & (dims < H2)
+        c = tl.load(COS + t * stride_ct + dims, mask=dims < H2, other=0.0).to(tl.float32)
+        s = sign * tl.load(SIN + t * stride_ct + dims, mask=dims < H2, other=0.0).to(tl.float32)
+        x_ptr = X + t * stride_xt + heads * stride_xn + dims
+        x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + H2, mask=mask, other=0.0).to(tl.float32)
+        # Each product rounded to the output dtype before the sum, as the PyTorch formula does.
+        dtype = Y.dtype.element_ty
+        y1 = (x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)
+        y2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
+        y_ptr = Y + t * (N * 2 * H2) + heads * (2 * H2) + dims
+        tl.store(y_ptr, y1.to(dtype), mask=mask)
+        tl.store(y_ptr + H2, y2.to(dtype), mask=mask)
+
+
+def _rope(x_TNH: Tensor, cos_TH: Tensor, sin_TH: Tensor, sign: float) -> Tensor:
+    T, N, H = x_TNH.shape
+    if x_TNH.stride(-1) != 1 or cos_TH.stride(-1) != 1 or cos_TH.stride() != sin_TH.stride():
+        x_TNH, cos_TH, sin_TH = x_TNH.contiguous(), cos_TH.contiguous(), sin_TH.contiguous()
+    y_TNH = torch.empty((T, N, H), dtype=torch.promote_types(x_TNH.dtype, cos_TH.dtype), device=x_TNH.device)
+    if T:
+        block_n, block_h2 = triton.next_power_of_2(N), triton.next_power_of_2(H // 2)
+        _rope_kernel[(T,)](
+            x_TNH, cos_TH, sin_TH, y_TNH, N, H // 2, x_TNH.stride(0), x_TNH.stride(1), cos_TH.stride(0), sign,
+            BLOCK_N=block_n, BLOCK_H2=block_h2, num_warps=4 if block_n * block_h2 <= 1024 else 8,
+        )  # fmt: skip
+    return y_TNH
+
+
+class _RoPETriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TNH: Tensor, cos_TH: Tensor, sin_TH: Tensor) -> Tensor:
+        ctx.save_for_backward(cos_TH, sin_TH)
+        ctx.x_dtype = x_TNH.dtype
+        return _rope(x_TNH, cos_TH, sin_TH, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad_TNH: Tensor) -> tuple[Tensor, None, None]:
+        # The transpose of the rotation is the rotation by -angle.
+        cos_TH, sin_TH = ctx.saved_tensors
+        return _rope(grad_TNH, cos_TH, sin_TH, -1.0).to(ctx.x_dtype), None, None
+
+
+def rope(x_TNH: Tensor, cos_TH: Tensor, sin_TH: Tensor) -> Tensor:
+    """`x * cos + rotate_half(x) * sin` for x (T, N, H) and tables (T, H) whose halves along H are
+    equal (HF's `cat((freqs, freqs), -1)`); the tables get no gradient."""
+    if x_TNH.shape[-1] % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {x_TNH.shape[-1]}.")
+    return _RoPETriton.apply(x_TNH, cos_TH, sin_TH)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-entropy gradient in place: logits [C,V] -> softmax - one_hot(target), plus per-row NLL.
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _cross_entropy_grad_kernel(LOGITS, TARGETS, NLL, V, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = LOGITS + row * V
+        target = tl.load(TARGETS + row)
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        x_target = tl.load(base + target).to(tl.float32)
+        tl.store(NLL + row, lse - x_target)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+            tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=cols < V)
+
+
+def cross_entropy_grad_(logits_CV: Tensor, targets_C: Tensor) -> Tensor:
+    """Overwrite `logits_CV` (C, V), contiguous, with `softmax - one_hot(targets_C)` and return the
+    (C,) fp32 negative log-likelihoods. `targets_C`: (C,), int64 in [0, V). Two reads and one write
+    of the logits, and no `[C,V]` fp32 temporary."""
+    C, V = logits_CV.shape
+    if not logits_CV.is_contiguous():
+        raise ValueError("cross_entropy_grad_ needs contiguous logits (it writes them in place).")
+    nll_C = torch.empty(C, dtype=torch.float32, device=logits_CV.device)
+    if C:
+        _cross_entropy_grad_kernel[(C,)](logits_CV, targets_C, nll_C, V, BLOCK_V=4096, num_warps=8)
+    return nll_C

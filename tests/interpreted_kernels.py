@@ -1,0 +1,146 @@
+"""Checks of the fused Triton kernels, run by `tests/test_kernels.py` in a process started with
+`TRITON_INTERPRET=1` (Triton reads it when it is imported), where the kernels run on CPU tensors.
+
+Each kernel is compared with the PyTorch formulas it replaces. The interpreter rounds fp32 to bf16
+towards zero (the GPU rounds to nearest even), so bf16 results are compared to within one bf16
+unit; fp32 results to within fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from foundry_padfree import kernels
+from foundry_padfree.loss import _nll_and_grad
+from foundry_padfree.modeling import _apply_rope, _RMSNorm, _SiluMul
+from tests.conftest import tiny_model
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run by tests/test_kernels.py with TRITON_INTERPRET=1", allow_module_level=True)
+
+BF16_TOL = dict(atol=2e-2, rtol=1.6e-2)  # one bf16 unit (2^-7 relative; 2^-6 near zero products)
+FP32_TOL = dict(atol=2e-6, rtol=2e-6)
+
+
+@pytest.fixture
+def K():
+    assert kernels.INTERPRET and kernels.usable(torch.zeros(1))
+    return kernels
+
+
+def _tol(dtype):
+    return FP32_TOL if dtype == torch.float32 else BF16_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [96, 100])  # a power of two's multiple, and one the block masks
+def test_rms_norm_matches_the_pytorch_formula(K, dtype, D):
+    x = torch.randn(37, D, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(D)).to(dtype).requires_grad_()
+    grad = torch.randn(37, D, dtype=dtype)
+    y = K.rms_norm(x, w, 1e-5)
+    (dx, dw) = torch.autograd.grad(y, (x, w), grad)
+    y_ref = _RMSNorm.apply(x, w, 1e-5)
+    (dx_ref, dw_ref) = torch.autograd.grad(y_ref, (x, w), grad)
+    assert y.dtype == y_ref.dtype and dw.dtype == w.dtype
+    torch.testing.assert_close(y, y_ref, **_tol(dtype))
+    torch.testing.assert_close(dx, dx_ref, **_tol(dtype))
+    # dw sums 37 rows: the reference rounds each product to bf16 first, the kernel does not.
+    torch.testing.assert_close(dw.float(), dw_ref.float(), atol=1e-5 if dtype == torch.float32 else 0.1, rtol=2e-2)
+
+
+def test_rms_norm_keeps_leading_dims_and_autocast_dtypes(K):
+    x = torch.randn(2, 5, 16, requires_grad=True)  # fp32 input, bf16 weight: output in fp32
+    w = torch.ones(16, dtype=torch.bfloat16, requires_grad=True)
+    y = K.rms_norm(x, w, 1e-6)
+    assert y.shape == (2, 5, 16) and y.dtype == torch.float32
+    torch.testing.assert_close(y, _RMSNorm.apply(x, w, 1e-6), **FP32_TOL)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_and_its_backward_match_the_pytorch_formulas(K, dtype):
+    gate = 3 * torch.randn(41, 70, dtype=dtype)
+    up = torch.randn(41, 70, dtype=dtype)
+    grad = torch.randn(41, 70, dtype=dtype)
+    torch.testing.assert_close(K.silu_mul(gate, up), torch.nn.functional.silu(gate) * up, **_tol(dtype))
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    ref = torch.autograd.grad(_SiluMul.apply(g, u, False), (g, u), grad)
+    for ours, theirs in zip(K.silu_mul_backward(grad, gate, up), ref):
+        torch.testing.assert_close(ours, theirs, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_rope_and_its_backward_match_the_pytorch_formula(K, dtype, heads):
+    T, H = 29, 16
+    freqs = torch.randn(T, H // 2) * 4
+    cos = torch.cat([freqs.cos(), freqs.cos()], -1).to(dtype)
+    sin = torch.cat([freqs.sin(), freqs.sin()], -1).to(dtype)
+    x = torch.randn(T, heads, H, dtype=dtype, requires_grad=True)
+    grad = torch.randn(T, heads, H, dtype=dtype)
+    y = K.rope(x, cos, sin)
+    y_ref = _apply_rope(x, cos, sin)
+    torch.testing.assert_close(y, y_ref, **_tol(dtype))
+    (dx,), (dx_ref,) = torch.autograd.grad(y, x, grad), torch.autograd.grad(y_ref, x, grad)
+    torch.testing.assert_close(dx, dx_ref, **_tol(dtype))
+
+
+def test_rope_takes_a_strided_view_of_the_projection(K):
+    # q/k/v as views into one projection output: rows are strided, heads are not contiguous rows.
+    qkv = torch.randn(11, 3 * 2 * 8)
+    q = qkv.view(11, 3, 2, 8)[:, 0]
+    freqs = torch.randn(11, 4)
+    cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
+    torch.testing.assert_close(K.rope(q, cos, sin), _apply_rope(q, cos, sin), **FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_grad_in_place_matches_the_eager_loss(K, dtype):
+    C, V = 6, 5000  # V spans two blocks of the kernel, the second partly masked
+    logits = 4 * torch.randn(C, V, dtype=dtype)
+    targets = torch.randint(0, V, (C,))
+    nll_sum, grad_ref = _nll_and_grad(logits.clone(), targets, torch.ones(C), need_grad=True)
+    nll = K.cross_entropy_grad_(logits, targets)  # logits now hold the gradient
+    torch.testing.assert_close(nll.sum(), nll_sum, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(logits.float(), grad_ref.float(), atol=1e-6 if dtype == torch.float32 else 4e-3, rtol=0)
+
+
+def test_cross_entropy_grad_refuses_strided_logits(K):
+    with pytest.raises(ValueError, match="contiguous"):
+        K.cross_entropy_grad_(torch.randn(8, 4).t(), torch.zeros(4, dtype=torch.long))
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _packed_batch():
+    lens = [5, 9, 1, 14]
+    positions = torch.cat([torch.arange(n) for n in lens])[None]
+    ids = torch.randint(3, 97, positions.shape)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return dict(input_ids=ids, position_ids=positions, labels=labels)
+
+
+def test_the_model_on_the_fused_kernels_matches_the_pytorch_ops(K, monkeypatch):
+    batch = _packed_batch()
+    calls = []
+    for name in ("rms_norm", "rope", "silu_mul", "silu_mul_backward", "cross_entropy_grad_"):
+        fn = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+    ref_loss, ref_grads = _loss_and_grads(tiny_model(fused_kernels=False).train(), batch)
+    assert calls == [], "fused_kernels=False still called a Triton kernel"
+    loss, grads = _loss_and_grads(tiny_model().train(), batch)
+    assert set(calls) == {"rms_norm", "rope", "silu_mul", "silu_mul_backward", "cross_entropy_grad_"}
+    torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)

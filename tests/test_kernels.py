@@ -1,0 +1,65 @@
+"""The fused Triton kernels against the PyTorch formulas they replace, on CPU through Triton's
+interpreter (`tests/interpreted_kernels.py`), and the MLP recomputation against keeping the product."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+
+FP32_TOL = dict(atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_kernels_under_the_triton_interpreter():
+    # Triton decides at import whether kernels compile or interpret, so this runs in a new process.
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/interpreted_kernels.py"],
+        cwd=root,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _packed_batch():
+    lens = [5, 9, 1, 14]
+    positions = torch.cat([torch.arange(n) for n in lens])[None]
+    ids = torch.randint(3, 97, positions.shape)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return dict(input_ids=ids, position_ids=positions, labels=labels)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
+def test_recompute_mlp_gives_the_gradients_of_keeping_the_product(autocast):
+    batch = _packed_batch()
+    results = []
+    for recompute in (False, True):
+        model = tiny_model(recompute_mlp=recompute, mlp_bias=True).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results.append(_loss_and_grads(model, batch))
+    (loss_keep, grads_keep), (loss_re, grads_re) = results
+    tol = FP32_TOL if not autocast else dict(atol=0, rtol=0)  # same bf16 ops in the same order
+    torch.testing.assert_close(loss_re, loss_keep, **tol)
+    for name, g in grads_re.items():
+        assert g.dtype == grads_keep[name].dtype == torch.float32, name
+        torch.testing.assert_close(g, grads_keep[name], atol=1e-5 if not autocast else 1e-2, rtol=1e-4, msg=name)
