@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
@@ -169,11 +170,19 @@ class PadFreeMLP(nn.Module):
         gate_TF, up_TF = self.gate_proj(x_TD), self.up_proj(x_TD)
         if self.hidden_act != "silu":
             return self.down_proj(self.act_fn(gate_TF) * up_TF)
+        if self.recompute and torch.compiler.is_compiling():
+            # Inside torch.compile the partitioner re-decides from the joint graph what backward keeps
+            # (it would keep the product); a checkpointed region is what it is told to recompute.
+            return checkpoint(_down_of_silu_mul, self.down_proj, gate_TF, up_TF, use_reentrant=False)
         fused = self.fused and kernels.usable(gate_TF)
         # A wrapped down_proj (LoRA, quantized) keeps its own forward; only nn.Linear is folded in.
         if self.recompute and type(self.down_proj) is nn.Linear:
             return _SiluMulDown.apply(gate_TF, up_TF, self.down_proj.weight, self.down_proj.bias, fused)
         return self.down_proj(_SiluMul.apply(gate_TF, up_TF, fused))
+
+
+def _down_of_silu_mul(down_proj: nn.Module, gate_TF: Tensor, up_TF: Tensor) -> Tensor:
+    return down_proj(torch.nn.functional.silu(gate_TF) * up_TF)
 
 
 def _silu_mul(gate_TF: Tensor, up_TF: Tensor, fused: bool) -> Tensor:

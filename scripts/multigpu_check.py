@@ -46,6 +46,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
 CPU_YAML = REPO / "yamls" / "padfree-llama-cpu.yaml"
+PRETRAIN_YAML = REPO / "yamls" / "pretrain_smollm2_135m.yaml"
+SFT_YAML = REPO / "yamls" / "sft_llama3_1b.yaml"
 # Set for every launched process: NVLink multicast off (see the module docstring).
 DIST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config.json), applied to the demo's config. RoPE
@@ -143,6 +145,8 @@ def _register_missing_components():
         ("dataloaders", "padfree_text"): "foundry_padfree.data.text:build_padfree_text_dataloader",
         ("dataloaders", "padfree_finetuning"): "foundry_padfree.data.finetuning:build_padfree_finetuning_dataloader",
         ("callbacks", "padfree_audit"): "foundry_padfree.callbacks:PadFreeAudit",
+        ("callbacks", "padfree_isolation"): "foundry_padfree.callbacks:PadFreeIsolation",
+        ("callbacks", "padfree_parity"): "foundry_padfree.callbacks:PadFreeParity",
         ("callbacks", "padfree_stats"): "foundry_padfree.callbacks:PadFreeStats",
     }
     import importlib
@@ -420,13 +424,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microbatch", type=int, help="rows per microbatch (default: 4 GPU, 2 CPU)")
     parser.add_argument("--max-seq-len", type=int, help="row length in tokens (default: 2048 GPU, 128 CPU)")
     parser.add_argument("--max-documents", type=int, help="corpus documents (default: all (about 6,300) GPU, 300 CPU)")
+    parser.add_argument(
+        "--shipped",
+        action="store_true",
+        help="instead: run the shipped pretraining and SFT YAMLs on 2 GPUs (FSDP with and without "
+        "activation checkpointing, DDP, full-checkpoint resume); writes shipped.json and shipped.md",
+    )
     args = parser.parse_args(argv)
     cpu = args.cpu
     batches = args.batches or (3 if cpu else 14)  # 14 x 16 rows fit the docstrings of CPython 3.11 and 3.12
     if batches < 2:
         parser.error(f"--batches {batches}: at least 2 (a checkpoint halfway, then a resumed run).")
     global_batch = args.global_batch or (8 if cpu else 16)
-    microbatch = args.microbatch or (2 if cpu else 4)
+    microbatch = args.microbatch or (2 if cpu else 8)
     if global_batch % 2 or (global_batch // 2) % microbatch:
         parser.error(f"--global-batch {global_batch} must split into 2 devices of whole microbatches of {microbatch}.")
     max_seq_len = args.max_seq_len or (128 if cpu else 2048)
@@ -462,6 +472,15 @@ def main(argv: list[str] | None = None) -> int:
             "use fewer --batches, a smaller --global-batch or --max-seq-len, or more --max-documents."
         )
     record_module = write_step_record(work / "step_record.py")
+    if args.shipped:
+        if cpu:
+            parser.error("--shipped runs the full-size YAMLs on 2 GPUs; it has no --cpu mode.")
+        results = shipped_runs(work, work / "data", record_module)
+        (out / "shipped.json").write_text(json.dumps(results, indent=1, default=str))
+        text = shipped_markdown(results)
+        (out / "shipped.md").write_text(text)
+        print(text, flush=True)
+        return 0 if all(r["ok"] for r in results.values()) else 1
     half = batches // 2
     settings = {
         "cpu": cpu,
@@ -509,6 +528,115 @@ def main(argv: list[str] | None = None) -> int:
     print(text, flush=True)
     print(f"wrote {out / 'multigpu.json'} and {out / 'multigpu.md'}", flush=True)
     return 0 if report["passed"] else 1
+
+
+# --- the shipped YAMLs -------------------------------------------------------------------------
+def shipped_runs(
+    work: Path, prepared_dir: Path, record_module: Path, batches: int = 6, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`composer -n 2` on the shipped pretraining and SFT YAMLs at their full model sizes, offline,
+    for `batches` steps each, in the parallelism variants they are meant for.
+
+    Only paths, the run length, batch sizes and logging are overridden (the models, precision,
+    FSDP settings and callbacks are the YAMLs'): SmolLM2-135M pretraining on the demo's MDS rows
+    with FSDP FULL_SHARD + activation checkpointing as shipped, then with DDP; Llama-3.2-1B SFT on
+    prompt/response pairs from standard-library docstrings, as shipped (FULL_SHARD, PURE, activation
+    checkpointing, full checkpoints saved halfway), resumed from that checkpoint, and with activation
+    checkpointing off. `extra` overrides go last in every run (the tests shrink the models with them).
+    """
+    from foundry_padfree.data.tokenizer import stdlib_texts
+
+    texts = stdlib_texts()
+    sft_data = work / "sft.jsonl"
+    with sft_data.open("w") as f:  # ~2,000 pairs of varied lengths, as `prompt_response_rows` in the tests
+        for k in range(2000):
+            prompt = texts[(7 * k) % len(texts)]
+            response = " ".join(texts[(13 * k + j) % len(texts)] for j in range(1 + k % 6))
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    half = batches // 2
+    common = [f"code_paths=[{record_module}]", f"max_duration={batches}ba", "progress_bar=false",
+              "console_log_interval=1ba", "python_log_level=warning", "scheduler.t_warmup=1ba",
+              "train_loader.num_workers=2", "callbacks.padfree_stats.interval=1"]  # fmt: skip
+    pretrain = [*common, f"variables.data_local={prepared_dir / 'data'}",
+                f"variables.tokenizer_dir={prepared_dir / 'tokenizer'}", "variables.eos_token_id=2",
+                "global_train_batch_size=32", "device_train_microbatch_size=8", "device_eval_batch_size=8",
+                f"eval_interval={batches}ba", "eval_subset_num_batches=2", "eval_loader.num_workers=2"]  # fmt: skip
+    sft = [*common, f"variables.model_dir={REPO / 'yamls' / 'model_configs' / 'llama3.2-1b'}",
+           "model.pretrained=false", f"variables.tokenizer_dir={prepared_dir / 'tokenizer'}",
+           f"variables.data_files={sft_data}", "global_train_batch_size=8", "device_train_microbatch_size=1",
+           "scheduler.t_warmup=1ba", f"save_interval={half}ba", "save_num_checkpoints_to_keep=-1"]  # fmt: skip
+    runs = {
+        "pretrain_135m_fsdp_ac": (PRETRAIN_YAML, pretrain),
+        "pretrain_135m_ddp": (PRETRAIN_YAML, [*pretrain, "fsdp_config=null"]),
+        "sft_1b_fsdp_ac": (SFT_YAML, sft),
+        "sft_1b_fsdp_ac_resumed": (SFT_YAML, sft),
+        "sft_1b_fsdp_no_ac": (SFT_YAML, [*sft, "fsdp_config.activation_checkpointing=false"]),
+    }
+    results: dict[str, Any] = {}
+    for name, (yaml, overrides) in runs.items():
+        run_dir = work / name
+        overrides = [*overrides, f"variables.save_folder={run_dir}", f"run_name={name}",
+                     f"loggers.step_record.out_dir={run_dir / 'records'}", *extra]  # fmt: skip
+        print(f"[{name}] composer -n 2 {yaml.name}", flush=True)
+        try:
+            if name.endswith("_resumed"):
+                overrides.append(f"load_path={_checkpoint(work / 'sft_1b_fsdp_ac' / 'checkpoints', half)}")
+            wall = launch(2, yaml, overrides, run_dir / "launch.log", timeout=400)
+            records = read_records(run_dir / "records")
+        except (RuntimeError, FileNotFoundError, subprocess.TimeoutExpired) as e:
+            results[name] = {"yaml": yaml.name, "ok": False, "error": str(e)[-3000:]}
+            print(f"[{name}] FAILED: {str(e)[-1500:]}", flush=True)
+            continue
+        losses = _losses(records)
+        expected = batches - half if name.endswith("_resumed") else batches
+        rates = {r: _per_device_rate(steps, min(2, len(steps) - 1)) for r, steps in records.items()}
+        results[name] = {
+            "yaml": yaml.name,
+            "overrides": overrides,
+            "wall_seconds": wall,
+            "steps": [s["step"] for s in records[0]],
+            "losses": losses,
+            "tokens_per_sec_per_gpu": rates,
+            "ranks_distinct_rows": all(
+                not set(a["row_sha1"]) & set(b["row_sha1"]) for a, b in zip(records[0], records[1])
+            ),
+            "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("ep*")),
+            "ok": len(losses) == expected and all(v == v and abs(v) < 1e4 for v in losses),
+        }
+        print(f"[{name}] done in {wall:.0f}s; losses {[round(v, 4) for v in losses]}", flush=True)
+    full, resumed = results.get("sft_1b_fsdp_ac", {}), results.get("sft_1b_fsdp_ac_resumed", {})
+    if full.get("ok") and resumed.get("ok"):
+        resumed["starts_after_checkpoint"] = resumed["steps"] == list(range(half + 1, batches + 1))
+        resumed["loss_max_rel_diff_vs_uninterrupted"] = _max_rel_diff(resumed["losses"], full["losses"][half:])
+    no_ac = results.get("sft_1b_fsdp_no_ac", {})
+    if full.get("ok") and no_ac.get("ok"):
+        no_ac["loss_max_rel_diff_vs_activation_checkpointing"] = _max_rel_diff(no_ac["losses"], full["losses"])
+    return results
+
+
+def shipped_markdown(results: dict[str, Any]) -> str:
+    lines = ["# The shipped YAMLs on 2 GPUs (`composer -n 2 scripts/train.py ...`)", "",
+             "| run | YAML | ok | steps | losses | real tok/s per GPU | checkpoints | notes |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in results.items():
+        if not r["ok"] and "error" in r:
+            lines.append(f"| {name} | {r['yaml']} | NO | | | | | {r['error'].splitlines()[-1][:200]} |")
+            continue
+        notes = []
+        if "loss_max_rel_diff_vs_uninterrupted" in r:
+            notes.append(f"starts at step {r['steps'][0]}; max rel diff vs uninterrupted "
+                         f"{r['loss_max_rel_diff_vs_uninterrupted']:.1e}")  # fmt: skip
+        if "loss_max_rel_diff_vs_activation_checkpointing" in r:
+            notes.append(
+                f"max rel diff vs activation checkpointing on {r['loss_max_rel_diff_vs_activation_checkpointing']:.1e}"
+            )
+        if not r["ranks_distinct_rows"]:
+            notes.append("ranks shared rows!")
+        rates = " / ".join(_fmt(v) for v in r["tokens_per_sec_per_gpu"].values())
+        losses = ", ".join(f"{v:.4f}" for v in r["losses"])
+        lines.append(f"| {name} | {r['yaml']} | {'yes' if r['ok'] else 'NO'} | {r['steps'][0]}-{r['steps'][-1]} | "
+                     f"{losses} | {rates} | {', '.join(r['checkpoints'])} | {'; '.join(notes)} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _checkpoint(folder: Path, batch: int) -> Path:

@@ -63,3 +63,18 @@ def test_recompute_mlp_gives_the_gradients_of_keeping_the_product(autocast):
     for name, g in grads_re.items():
         assert g.dtype == grads_keep[name].dtype == torch.float32, name
         torch.testing.assert_close(g, grads_keep[name], atol=1e-5 if not autocast else 1e-2, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_compiled_layers_match_eager_with_and_without_mlp_recompute(recompute):
+    # Inside torch.compile the recomputation is a checkpointed region instead of the autograd
+    # Function: same loss and gradients as eager. `aot_eager` traces the same graphs as inductor.
+    torch._dynamo.reset()
+    batch = _packed_batch()
+    eager_loss, eager_grads = _loss_and_grads(tiny_model(recompute_mlp=recompute).train(), batch)
+    compiled = tiny_model(recompute_mlp=recompute).train()
+    compiled.compile_layers("aot_eager")
+    loss, grads = _loss_and_grads(compiled, batch)
+    torch.testing.assert_close(loss, eager_loss, **FP32_TOL)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
