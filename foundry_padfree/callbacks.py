@@ -232,10 +232,15 @@ def _due(state: State, interval: int, batch_finished: bool = False) -> bool:
     return index % interval == 0
 
 
-def _probe_batch(batch: Mapping[str, Any], rows: list[int], with_labels: bool = False) -> dict[str, Tensor]:
+def _probe_batch(state: State, rows: list[int], with_labels: bool = False) -> dict[str, Tensor]:
+    """The probe rows of the batch, on the training device. At `BATCH_END` Composer's `state.batch`
+    may still be on the host (it moves microbatches one at a time); the wrapped model would move
+    its inputs itself, an unwrapped reference model would not."""
+    batch = state.batch
     keys = _PROBE_KEYS + (("labels",) if with_labels else ())
     index = torch.tensor(rows, device=batch["input_ids"].device)
-    return {k: batch[k].index_select(0, index) for k in keys if batch.get(k) is not None}
+    probe = {k: batch[k].index_select(0, index) for k in keys if batch.get(k) is not None}
+    return state.device.batch_to_device(probe)
 
 
 def _pick_rows(docs: BatchDocs, max_rows: int) -> tuple[list[int], list[Document]]:
@@ -489,7 +494,7 @@ class PadFreeIsolation(Callback):
             return
         docs = read_batch(state.batch)
         rows, row_docs = _pick_rows(docs, self.max_rows)
-        probe = _probe_batch(state.batch, rows)
+        probe = _probe_batch(state, rows)
         target = next(d for d in row_docs if d.row == rows[0])  # the first document of the busiest row
         r = rows.index(target.row)
         vocab = _composer_model(state).config.vocab_size
@@ -574,7 +579,7 @@ class PadFreeParity(Callback):
             return
         docs = read_batch(state.batch)
         rows, row_docs = _pick_rows(docs, self.max_rows)
-        probe = _probe_batch(state.batch, rows, with_labels=True)
+        probe = _probe_batch(state, rows, with_labels=True)
         if "labels" not in probe:
             raise ValueError("padfree_parity compares losses and needs batches with labels.")
         with _ProbeClock.measure(state):

@@ -61,6 +61,20 @@ def test_all_pass_on_padfree_training_with_microbatches(model_dir):
     assert logged(trainer, "padfree/parity/documents") == [7.0, 5.0]  # rows 3+0, then rows 6+4
 
 
+def test_probes_run_on_the_training_device(model_dir, monkeypatch):
+    # At BATCH_END Composer's state.batch can still be on the host; the wrapped model would move its
+    # inputs itself, the stock HF reference of padfree_parity would not. Probes go through the
+    # trainer's device, as batches do.
+    from composer.devices import DeviceCPU
+
+    moved = []
+    original = DeviceCPU.batch_to_device
+    monkeypatch.setattr(DeviceCPU, "batch_to_device", lambda self, b: moved.append(b) or original(self, b))
+    fit(composer_model(model_dir), [PadFreeIsolation(), PadFreeParity()], batches=1, microbatch=4)
+    probe_rows = [b["input_ids"].shape[0] for b in moved if isinstance(b, dict) and "input_ids" in b]
+    assert probe_rows.count(2) == 2, probe_rows  # the 4-row batch, then the 2-row probe of each callback
+
+
 def test_stats_are_the_batch_arithmetic(model_dir):
     trainer = fit(composer_model(model_dir), [PadFreeStats(interval=1)], batches=1)
     lens = [n for row in ROWS[:4] for n in row]  # 4 rows of 16 columns
