@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="2 CPU processes (gloo, DDP), the tiny model, fp32")
     parser.add_argument("--batches", type=int, help="steps per run (default: 14 on GPU, 3 with --cpu)")
     parser.add_argument("--global-batch", type=int, help="rows per step, all devices (default: 16 GPU, 8 CPU)")
-    parser.add_argument("--microbatch", type=int, help="rows per microbatch (default: 4 GPU, 2 CPU)")
+    parser.add_argument("--microbatch", type=int, help="rows per microbatch (default: 8 GPU, 2 CPU)")
     parser.add_argument("--max-seq-len", type=int, help="row length in tokens (default: 2048 GPU, 128 CPU)")
     parser.add_argument("--max-documents", type=int, help="corpus documents (default: all (about 6,300) GPU, 300 CPU)")
     parser.add_argument(
