@@ -33,6 +33,25 @@ def tiny_model(seed: int = 0, **overrides) -> PadFreeLlamaForCausalLM:
     return PadFreeLlamaForCausalLM(tiny_config(**overrides)).eval()
 
 
+def packed_lm_batch() -> dict[str, torch.Tensor]:
+    """One packed row of 4 documents (5, 9, 1, 14 tokens) with `position_ids` and labels, the
+    first 3 tokens unsupervised."""
+    lens = [5, 9, 1, 14]
+    positions = torch.cat([torch.arange(n) for n in lens])[None]
+    ids = torch.randint(3, 97, positions.shape)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return dict(input_ids=ids, position_ids=positions, labels=labels)
+
+
+def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's loss on `batch` and every parameter's gradient of it."""
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 from foundry_padfree import kernels
 from foundry_padfree.loss import _nll_and_grad
 from foundry_padfree.modeling import _apply_rope, _RMSNorm, _SiluMul
-from tests.conftest import tiny_model
+from tests.conftest import loss_and_grads, packed_lm_batch, tiny_model
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by tests/test_kernels.py with TRITON_INTERPRET=1", allow_module_level=True)
@@ -115,31 +115,15 @@ def test_cross_entropy_grad_refuses_strided_logits(K):
         K.cross_entropy_grad_(torch.randn(8, 4).t(), torch.zeros(4, dtype=torch.long))
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad()
-    out = model(**batch)
-    out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def _packed_batch():
-    lens = [5, 9, 1, 14]
-    positions = torch.cat([torch.arange(n) for n in lens])[None]
-    ids = torch.randint(3, 97, positions.shape)
-    labels = ids.clone()
-    labels[0, :3] = -100
-    return dict(input_ids=ids, position_ids=positions, labels=labels)
-
-
 def test_the_model_on_the_fused_kernels_matches_the_pytorch_ops(K, monkeypatch):
-    batch = _packed_batch()
+    batch = packed_lm_batch()
     calls = []
     for name in ("rms_norm", "rope", "silu_mul", "silu_mul_backward", "cross_entropy_grad_"):
         fn = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
-    ref_loss, ref_grads = _loss_and_grads(tiny_model(fused_kernels=False).train(), batch)
+    ref_loss, ref_grads = loss_and_grads(tiny_model(fused_kernels=False).train(), batch)
     assert calls == [], "fused_kernels=False still called a Triton kernel"
-    loss, grads = _loss_and_grads(tiny_model().train(), batch)
+    loss, grads = loss_and_grads(tiny_model().train(), batch)
     assert set(calls) == {"rms_norm", "rope", "silu_mul", "silu_mul_backward", "cross_entropy_grad_"}
     torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
     for name, g in grads.items():

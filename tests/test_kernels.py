@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from tests.conftest import loss_and_grads, packed_lm_batch, tiny_model
 
 FP32_TOL = dict(atol=2e-6, rtol=2e-6)
 
@@ -33,30 +33,14 @@ def test_kernels_under_the_triton_interpreter():
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad()
-    out = model(**batch)
-    out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def _packed_batch():
-    lens = [5, 9, 1, 14]
-    positions = torch.cat([torch.arange(n) for n in lens])[None]
-    ids = torch.randint(3, 97, positions.shape)
-    labels = ids.clone()
-    labels[0, :3] = -100
-    return dict(input_ids=ids, position_ids=positions, labels=labels)
-
-
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
 def test_recompute_mlp_gives_the_gradients_of_keeping_the_product(autocast):
-    batch = _packed_batch()
+    batch = packed_lm_batch()
     results = []
     for recompute in (False, True):
         model = tiny_model(recompute_mlp=recompute, mlp_bias=True).train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            results.append(_loss_and_grads(model, batch))
+            results.append(loss_and_grads(model, batch))
     (loss_keep, grads_keep), (loss_re, grads_re) = results
     tol = FP32_TOL if not autocast else dict(atol=0, rtol=0)  # same bf16 ops in the same order
     torch.testing.assert_close(loss_re, loss_keep, **tol)
@@ -70,11 +54,11 @@ def test_compiled_layers_match_eager_with_and_without_mlp_recompute(recompute):
     # Inside torch.compile the recomputation is a checkpointed region instead of the autograd
     # Function: same loss and gradients as eager. `aot_eager` traces the same graphs as inductor.
     torch._dynamo.reset()
-    batch = _packed_batch()
-    eager_loss, eager_grads = _loss_and_grads(tiny_model(recompute_mlp=recompute).train(), batch)
+    batch = packed_lm_batch()
+    eager_loss, eager_grads = loss_and_grads(tiny_model(recompute_mlp=recompute).train(), batch)
     compiled = tiny_model(recompute_mlp=recompute).train()
     compiled.compile_layers("aot_eager")
-    loss, grads = _loss_and_grads(compiled, batch)
+    loss, grads = loss_and_grads(compiled, batch)
     torch.testing.assert_close(loss, eager_loss, **FP32_TOL)
     for name, g in grads.items():
         torch.testing.assert_close(g, eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
