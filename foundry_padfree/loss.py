@@ -74,6 +74,12 @@ def _accumulate_mm(acc_VD: Tensor, a_VC: Tensor, b_CD: Tensor) -> Tensor:
     return acc_VD.add_(a_VC @ b_CD)
 
 
+def linear_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype `nn.Linear` computes in on `device_type` for inputs of `dtype`: autocast's when
+    autocast is on there, else `dtype`. For products written out by hand under autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -93,9 +99,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # Under autocast the head runs in the autocast dtype, as nn.Linear would; casts are explicit
         # below so that every product has one input dtype.
         device_type = h_TD.device.type
-        dtype = h_TD.dtype
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = linear_dtype(device_type, h_TD.dtype)
         with torch.autocast(device_type, enabled=False):
             h_TD, w_VD = h_TD.to(dtype), w_VD.to(dtype)
             for start in range(0, h_TD.shape[0], chunk):

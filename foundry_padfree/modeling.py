@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPas
 from foundry_padfree import kernels
 from foundry_padfree.attention import Backend, resolve_backend
 from foundry_padfree.config import PadFreeLlamaConfig
-from foundry_padfree.loss import linear_cross_entropy
+from foundry_padfree.loss import linear_cross_entropy, linear_dtype
 from foundry_padfree.varlen import VarlenMeta, unpad
 
 # RoPE variants whose frequencies do not depend on the batch (dynamic ones rescale with the longest
@@ -225,9 +225,7 @@ class _SiluMulDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_TF: Tensor, up_TF: Tensor, weight_DF: Tensor, bias_D: Tensor | None, fused: bool) -> Tensor:
         device_type = gate_TF.device.type
-        dtype = torch.promote_types(gate_TF.dtype, up_TF.dtype)
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = linear_dtype(device_type, torch.promote_types(gate_TF.dtype, up_TF.dtype))
         with torch.autocast(device_type, enabled=False):
             gate_TF, up_TF, w_DF = gate_TF.to(dtype), up_TF.to(dtype), weight_DF.to(dtype)
             out_TD = torch.nn.functional.linear(

@@ -564,7 +564,7 @@ def shipped_runs(
     sft = [*common, f"variables.model_dir={REPO / 'yamls' / 'model_configs' / 'llama3.2-1b'}",
            "model.pretrained=false", f"variables.tokenizer_dir={prepared_dir / 'tokenizer'}",
            f"variables.data_files={sft_data}", "global_train_batch_size=8", "device_train_microbatch_size=1",
-           "scheduler.t_warmup=1ba", f"save_interval={half}ba", "save_num_checkpoints_to_keep=-1"]  # fmt: skip
+           f"save_interval={half}ba", "save_num_checkpoints_to_keep=-1"]  # fmt: skip
     runs = {
         "pretrain_135m_fsdp_ac": (PRETRAIN_YAML, pretrain),
         "pretrain_135m_ddp": (PRETRAIN_YAML, [*pretrain, "fsdp_config=null"]),
