@@ -7,15 +7,16 @@ tokens over its own tokens only:
 
     attend(q_TNH, k_TKH, v_TKH, meta, scale) -> o_TNH
 
+- `triton`: our Triton kernels (`triton_attention`), tiled for many short documents; CUDA, or
+  any device under `TRITON_INTERPRET=1` (tests).
 - `flash_attn`: flash-attn's `flash_attn_varlen_func` (CUDA, when installed).
 - `torch_varlen`: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA). Its signature
   changed between releases; `_torch_varlen_kwargs` reads it once.
-- `flex`: `flex_attention` with a document-causal block mask built once per forward (CUDA;
-  what `auto` picks on torch 2.7 without flash-attn).
+- `flex`: `flex_attention` with a document-causal block mask built once per forward (CUDA).
 - `sdpa`: the reference, `scaled_dot_product_attention` run per document. Pure PyTorch, any device.
 
 `prepare(meta)` runs once per forward, before the first layer, for what a backend derives from the
-metadata (flex's block mask); layers then all receive the same object.
+metadata (flex's block mask, the Triton kernels' tile lists); layers then all receive the same object.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from foundry_padfree import kernels, triton_attention
 from foundry_padfree.varlen import VarlenMeta
 
 
@@ -138,6 +140,15 @@ def _flex_attend(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, meta: VarlenMeta, 
     return o_1NTH.squeeze(0).transpose(0, 1)
 
 
+def _triton_prepare(meta: VarlenMeta) -> VarlenMeta:
+    return meta._replace(attn_extra=triton_attention.schedule(meta.doc_lens, meta.cu_seqlens_N1.device))
+
+
+def _triton_attend(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, meta: VarlenMeta, scale: float) -> Tensor:
+    assert isinstance(meta.attn_extra, triton_attention.Schedules), "triton backend used without prepare(meta)"
+    return triton_attention.varlen_attention(q_TNH, k_TKH, v_TKH, meta.attn_extra, scale)
+
+
 def _eager_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -145,6 +156,7 @@ def _eager_flex():
 
 
 BACKENDS: dict[str, Backend] = {
+    "triton": Backend("triton", _triton_attend, _triton_prepare),
     "flash_attn": Backend("flash_attn", _flash_attn_attend),
     "torch_varlen": Backend("torch_varlen", _torch_varlen_attend),
     "flex": Backend("flex", _flex_attend, _flex_prepare),
@@ -157,6 +169,8 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
     device = torch.device(device)
     names = []
     if device.type == "cuda" and torch.cuda.is_available():
+        if kernels.HAS_TRITON:
+            names.append("triton")  # faster than FlashAttention-2 on short-document mixes: docs/BENCHMARKS.md
         if importlib.util.find_spec("flash_attn") is not None:
             names.append("flash_attn")
         if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
@@ -165,6 +179,8 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
     names.append("sdpa")
     if "flex" not in names:
         names.append("flex")  # eager flex off CUDA: slow, but it lets CPU tests check its mask
+    if "triton" not in names and kernels.HAS_TRITON and kernels.INTERPRET:
+        names.append("triton")  # Triton's interpreter: slow, but it lets CPU tests check the kernels
     return names
 
 

@@ -16,8 +16,8 @@ YAML keys under `model:` (every other key fails fast, naming the closest valid o
   `mixed` (rank 0 loads on CPU, other ranks on meta).
 - `config_overrides`: fields of the Llama config to override (`num_hidden_layers: 2`,
   `loss_chunk_size: 8192`, ...); an unknown field is an error.
-- `attn_backend` (default auto): the varlen attention kernel, one of `auto`, `flash_attn`,
-  `torch_varlen`, `flex`, `sdpa`. Checked at build time against what this machine can run.
+- `attn_backend` (default auto): the varlen attention kernel, one of `auto`, `triton`,
+  `flash_attn`, `torch_varlen`, `flex`, `sdpa`. Checked at build time against what this machine can run.
 - `loss_on_real_tokens_only` (default true): training forwards run the output head only on the
   real tokens that have a target (the chunked head + cross-entropy) and never build `[B,S,V]`
   logits unless a train metric needs them. False also re-pads `[B,S,V]` logits on every training

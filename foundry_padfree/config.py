@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "sdpa")
+ATTN_BACKENDS = ("auto", "triton", "flash_attn", "torch_varlen", "flex", "sdpa")
 
 # Fields that exist only on our config; they are dropped when exporting a stock Llama config.
 PADFREE_FIELDS = ("attn_backend", "loss_chunk_size", "fused_kernels", "recompute_mlp")
@@ -22,9 +22,10 @@ class PadFreeLlamaConfig(LlamaConfig):
 
     Args:
         attn_backend: which varlen attention kernel every layer calls. `auto` picks, once, the best
-            one available: `flash_attn` (flash-attn installed, CUDA), `torch_varlen` (torch >= 2.10,
-            CUDA), `flex` (CUDA; the choice on torch 2.7 without flash-attn), else `sdpa`, the
-            per-document pure-PyTorch reference that also runs on CPU.
+            one available: `triton` (our kernels, `foundry_padfree.triton_attention`; CUDA with
+            Triton, which torch's CUDA wheels ship), `flash_attn` (flash-attn installed, CUDA),
+            `torch_varlen` (torch >= 2.10, CUDA), `flex` (CUDA), else `sdpa`, the per-document
+            pure-PyTorch reference that also runs on CPU.
         loss_chunk_size: tokens per chunk of the fused head + cross-entropy. The loss never holds
             more than `loss_chunk_size x vocab_size` logits at once, so peak memory does not grow
             with the vocabulary times the token count (128k vocab x 32k tokens is 16 GiB in fp32).

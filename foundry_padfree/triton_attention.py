@@ -1,0 +1,388 @@
+"""Varlen causal attention in Triton, tiled for packed batches of short documents.
+
+Shape legend: T tokens, N query heads, K key/value heads (N % K == 0, G = N // K), H head dim,
+P tiles of a schedule.
+
+FlashAttention's tiling (online softmax forward; backward in two passes that recompute the
+probabilities: one per key block for dK/dV, one per query block for dQ), with three choices made
+for batches of many short documents, where the general-purpose kernels spend most of their time on
+tile set-up and on masked work along the diagonal:
+
+- Work is scheduled on the host, once per forward: `schedule` lists the tiles each kernel runs
+  (tile start, document start, document end), longest first, from the document lengths the unpad
+  step already copied to the host. No program is launched for a tile outside every document, and
+  tiles start at their document's first token, so no tile straddles two documents.
+- Small tiles (64 queries x 64 keys; `TileSizes`): a document of a few hundred tokens wastes less
+  of each tile, and only the blocks that cross the diagonal are masked.
+- A dK/dV program owns one key/value head and loops over the G query heads that share it, so GQA
+  needs no expanded `[T,N,H]` key gradients and no reduction afterwards.
+
+Log-sum-exps are kept in base 2 (`exp2` on scores scaled by `scale * log2(e)`), fp32, `[N,T]`.
+Inputs are bf16, fp16 or fp32 (fp32 products in full precision, not TF32). With
+`TRITON_INTERPRET=1` the kernels run on CPU tensors, which is how the tests check them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from foundry_padfree.kernels import HAS_TRITON, triton
+
+if HAS_TRITON:
+    import triton.language as tl
+
+_LOG2_E = 1.4426950408889634
+
+
+class TileSizes(NamedTuple):
+    """Tokens per tile. The defaults were the fastest of a sweep on an H200 (head dim 64, the
+    alpaca_eval length mix at 32k tokens, 32/8 and 9/3 heads); the interpreter tests shrink them."""
+
+    fwd_m: int = 64  # query rows per forward program
+    fwd_n: int = 64  # keys per forward step
+    dkdv_n: int = 64  # keys per dK/dV program
+    dkdv_m: int = 64  # query rows per dK/dV step
+    dq_m: int = 64  # query rows per dQ program
+    dq_n: int = 32  # keys per dQ step
+
+
+class Schedules(NamedTuple):
+    """Tile lists for the three kernels, on the device: (P, 4) int32 rows of (tile start, document
+    start, document end, unused) in the token stream, longest work first. Rows are 16 bytes so that
+    every list starts 16-byte aligned: Triton compiles a kernel variant per pointer alignment, and a
+    list whose alignment changed from batch to batch would recompile mid-training."""
+
+    fwd_P4: Tensor
+    dkdv_P4: Tensor
+    dq_P4: Tensor
+    sizes: TileSizes
+
+
+def _tiles(doc_lens: np.ndarray, starts: np.ndarray, block: int, queries: bool) -> np.ndarray:
+    """(P, 4) int32 tiles of `block` tokens starting at each document's first token. Query tiles
+    (`queries`) cost the keys before their end; key tiles the queries from their start on."""
+    counts = -(-doc_lens // block)
+    doc = np.repeat(np.arange(len(doc_lens)), counts)
+    first_tile = np.repeat(np.cumsum(counts) - counts, counts)
+    tile_start = starts[doc] + (np.arange(counts.sum()) - first_tile) * block
+    doc_start, doc_end = starts[doc], starts[doc] + doc_lens[doc]
+    work = np.minimum(tile_start + block, doc_end) - doc_start if queries else doc_end - tile_start
+    order = np.argsort(-work, kind="stable")
+    return np.stack([tile_start, doc_start, doc_end, np.zeros_like(doc_end)], axis=1)[order].astype(np.int32)
+
+
+def schedule(doc_lens: tuple[int, ...], device: torch.device, sizes: TileSizes | None = None) -> Schedules:
+    """The tiles of every kernel for documents of `doc_lens` (host ints) packed back to back.
+
+    One host-to-device copy (no sync); built once per forward and shared by every layer."""
+    sizes = sizes or TileSizes()
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    starts = np.cumsum(lens) - lens
+    kinds = [(sizes.fwd_m, True), (sizes.dkdv_n, False), (sizes.dq_m, True)]
+    unique = list(dict.fromkeys(kinds))  # the forward and dQ tiles coincide when their sizes do
+    parts = [_tiles(lens, starts, block, queries) for block, queries in unique]
+    host = torch.from_numpy(np.concatenate(parts))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    all_P4 = host.to(device, non_blocking=True)
+    bounds = np.cumsum([0] + [len(p) for p in parts])
+    views = {kind: all_P4[bounds[i] : bounds[i + 1]] for i, kind in enumerate(unique)}
+    return Schedules(*(views[kind] for kind in kinds), sizes)
+
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["T"])  # T changes every batch: one compiled variant for all
+    def _fwd_kernel(
+        Q, K, V, Out, LSE, TILES,
+        stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_ot, stride_on,
+        T, scale_log2,
+        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        n = tl.program_id(0)
+        tile = tl.program_id(1)
+        q0 = tl.load(TILES + tile * 4)
+        ds = tl.load(TILES + tile * 4 + 1)
+        de = tl.load(TILES + tile * 4 + 2)
+        kh = n // GROUP
+        offs_m = q0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
+        m_ok = offs_m < de
+        q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qt + n * stride_qn + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        q_end = tl.minimum(q0 + BLOCK_M, de)
+        # Key blocks that end at or before the tile's first query need no mask.
+        unmasked_end = ds + ((q0 - ds) // BLOCK_N) * BLOCK_N
+        for start_n in range(ds, q_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < q_end
+            rows = offs_n[:, None].to(tl.int64)
+            k = tl.load(
+                K + rows * stride_kt + kh * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            v = tl.load(
+                V + rows * stride_vt + kh * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            if start_n >= unmasked_end:
+                s = tl.where((offs_m[:, None] >= offs_n[None, :]) & n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(Out + offs_m[:, None].to(tl.int64) * stride_ot + n * stride_on + offs_d[None, :],
+                 o.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])  # fmt: skip
+        tl.store(LSE + n.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _delta_kernel(Out, DO, DELTA, stride_ot, stride_on, stride_dt, stride_dn, T,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+        """DELTA[n, t] = sum_h Out[t, n, h] * dOut[t, n, h] in fp32: the softmax backward's row term."""
+        n = tl.program_id(0)
+        offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
+        ok = offs_t < T
+        rows = offs_t[:, None].to(tl.int64)
+        o = tl.load(
+            Out + rows * stride_ot + n * stride_on + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0
+        )
+        do = tl.load(
+            DO + rows * stride_dt + n * stride_dn + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0
+        )
+        tl.store(DELTA + n.to(tl.int64) * T + offs_t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, TILES,
+        stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_dot, stride_don,
+        stride_dkt, stride_dkn, stride_dvt, stride_dvn,
+        T, scale_log2, scale,
+        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        kh = tl.program_id(0)
+        tile = tl.program_id(1)
+        k0 = tl.load(TILES + tile * 4)
+        de = tl.load(TILES + tile * 4 + 2)
+        offs_n = k0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
+        n_ok = offs_n < de
+        rows_n = offs_n[:, None].to(tl.int64)
+        k = tl.load(
+            K + rows_n * stride_kt + kh * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        v = tl.load(
+            V + rows_n * stride_vt + kh * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        # Query blocks that start after this key block's last key need no causal mask.
+        masked_end = k0 + BLOCK_N
+        for g in range(GROUP):
+            n = kh * GROUP + g
+            for start_m in range(k0, de, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < de
+                rows_m = offs_m[:, None].to(tl.int64)
+                q = tl.load(
+                    Q + rows_m * stride_qt + n * stride_qn + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                do = tl.load(DO + rows_m * stride_dot + n * stride_don + offs_d[None, :],
+                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+                lse = tl.load(LSE + n.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+                delta = tl.load(DELTA + n.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+                s_T = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # [keys, queries]
+                if start_m < masked_end:
+                    keep = (offs_m[None, :] >= offs_n[:, None]) & m_ok[None, :]
+                    p_T = tl.where(keep, tl.exp2(s_T - lse[None, :]), 0.0)
+                else:
+                    p_T = tl.where(m_ok[None, :], tl.exp2(s_T - lse[None, :]), 0.0)
+                dv += tl.dot(p_T.to(do.dtype), do, input_precision=PRECISION)
+                dp_T = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                ds_T = p_T * (dp_T - delta[None, :])
+                dk += tl.dot(ds_T.to(q.dtype), q, input_precision=PRECISION)
+        tl.store(DK + rows_n * stride_dkt + kh * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=n_ok[:, None] & d_ok[None, :])  # fmt: skip
+        tl.store(DV + rows_n * stride_dvt + kh * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=n_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+    @triton.jit(do_not_specialize=["T"])
+    def _dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, TILES,
+        stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_dot, stride_don,
+        stride_dqt, stride_dqn,
+        T, scale_log2, scale,
+        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        n = tl.program_id(0)
+        tile = tl.program_id(1)
+        q0 = tl.load(TILES + tile * 4)
+        ds = tl.load(TILES + tile * 4 + 1)
+        de = tl.load(TILES + tile * 4 + 2)
+        kh = n // GROUP
+        offs_m = q0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
+        m_ok = offs_m < de
+        rows_m = offs_m[:, None].to(tl.int64)
+        q = tl.load(
+            Q + rows_m * stride_qt + n * stride_qn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        do = tl.load(
+            DO + rows_m * stride_dot + n * stride_don + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        lse = tl.load(LSE + n.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + n.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        q_end = tl.minimum(q0 + BLOCK_M, de)
+        unmasked_end = ds + ((q0 - ds) // BLOCK_N) * BLOCK_N
+        for start_n in range(ds, q_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < q_end
+            rows_n = offs_n[:, None].to(tl.int64)
+            k = tl.load(
+                K + rows_n * stride_kt + kh * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            v = tl.load(
+                V + rows_n * stride_vt + kh * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            if start_n >= unmasked_end:
+                keep = (offs_m[:, None] >= offs_n[None, :]) & n_ok[None, :] & m_ok[:, None]
+            else:
+                keep = m_ok[:, None] & n_ok[None, :]
+            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds_ = p * (dp - delta[:, None])
+            dq += tl.dot(ds_.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(DQ + rows_m * stride_dqt + n * stride_dqn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
+
+
+def _block_d(head_dim: int) -> int:
+    """Head dims pad to a power of two of at least 16 (the smallest product tile) inside the kernels."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _launch(kernel: str, head_dim: int, block: int) -> dict:
+    """Warps and pipeline stages per kernel (`fwd`, `dkdv`, `dq`) for tiles of `block` rows."""
+    return dict(num_warps=8 if _block_d(head_dim) * block > 8192 else 4, num_stages=3 if kernel == "fwd" else 2)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, tiles: Schedules, scale: float) -> Tensor:
+        q_TNH, k_TKH, v_TKH = (t.contiguous() for t in (q_TNH, k_TKH, v_TKH))
+        T, N, H = q_TNH.shape
+        K = k_TKH.shape[1]
+        o_TNH = torch.empty_like(q_TNH)
+        lse_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
+        s = tiles.sizes
+        if len(tiles.fwd_P4):
+            _fwd_kernel[(N, len(tiles.fwd_P4))](
+                q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, tiles.fwd_P4,
+                *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *o_TNH.stride()[:2],
+                T, scale * _LOG2_E,
+                HEAD_DIM=H, GROUP=N // K, BLOCK_D=_block_d(H), BLOCK_M=s.fwd_m, BLOCK_N=s.fwd_n,
+                PRECISION=_precision(q_TNH.dtype),
+                **_launch("fwd", H, s.fwd_m),
+            )  # fmt: skip
+        ctx.save_for_backward(q_TNH, k_TKH, v_TKH, o_TNH, lse_NT)
+        ctx.tiles, ctx.scale = tiles, scale
+        return o_TNH
+
+    @staticmethod
+    def backward(ctx, do_TNH: Tensor):
+        q_TNH, k_TKH, v_TKH, o_TNH, lse_NT = ctx.saved_tensors
+        tiles, scale = ctx.tiles, ctx.scale
+        do_TNH = do_TNH.contiguous()
+        T, N, H = q_TNH.shape
+        K = k_TKH.shape[1]
+        s = tiles.sizes
+        dq_TNH, dk_TKH, dv_TKH = torch.empty_like(q_TNH), torch.empty_like(k_TKH), torch.empty_like(v_TKH)
+        if T == 0:
+            return dq_TNH, dk_TKH, dv_TKH, None, None
+        delta_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
+        block_t = 64
+        _delta_kernel[(N, triton.cdiv(T, block_t))](
+            o_TNH,
+            do_TNH,
+            delta_NT,
+            *o_TNH.stride()[:2],
+            *do_TNH.stride()[:2],
+            T,
+            HEAD_DIM=H,
+            BLOCK_D=_block_d(H),
+            BLOCK_T=block_t,
+        )
+        common = dict(HEAD_DIM=H, GROUP=N // K, BLOCK_D=_block_d(H), PRECISION=_precision(q_TNH.dtype))
+        strides = (*q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2])
+        _dkdv_kernel[(K, len(tiles.dkdv_P4))](
+            q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dk_TKH, dv_TKH, tiles.dkdv_P4,
+            *strides, *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], T, scale * _LOG2_E, scale,
+            BLOCK_M=s.dkdv_m, BLOCK_N=s.dkdv_n, **_launch("dkdv", H, s.dkdv_n), **common,
+        )  # fmt: skip
+        _dq_kernel[(N, len(tiles.dq_P4))](
+            q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dq_TNH, tiles.dq_P4,
+            *strides, *dq_TNH.stride()[:2], T, scale * _LOG2_E, scale,
+            BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, **_launch("dq", H, s.dq_m), **common,
+        )  # fmt: skip
+        return dq_TNH, dk_TKH, dv_TKH, None, None
+
+
+def check_inputs(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor) -> None:
+    """Raise for what the kernels cannot take, naming the value and the way out."""
+    H = q_TNH.shape[-1]
+    if H > 256:
+        raise ValueError(
+            f"attn_backend='triton' takes head dims up to 256, got {H}; "
+            "use attn_backend='torch_varlen', 'flash_attn' or 'flex'."
+        )
+    if q_TNH.shape[1] % k_TKH.shape[1]:
+        raise ValueError(
+            f"{q_TNH.shape[1]} query heads are not a multiple of {k_TKH.shape[1]} key/value heads "
+            "(num_attention_heads must be divisible by num_key_value_heads)."
+        )
+    if not (q_TNH.dtype == k_TKH.dtype == v_TKH.dtype) or q_TNH.dtype not in (
+        torch.bfloat16, torch.float16, torch.float32,
+    ):  # fmt: skip
+        raise ValueError(
+            f"attn_backend='triton' needs q, k, v of one dtype among bf16/fp16/fp32, got "
+            f"{q_TNH.dtype}, {k_TKH.dtype}, {v_TKH.dtype}."
+        )
+
+
+def varlen_attention(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, tiles: Schedules, scale: float) -> Tensor:
+    """Causal attention of each document over its own tokens.
+
+    Args:
+        q_TNH: (T, N, H) queries; k_TKH, v_TKH: (T, K, H) keys and values; one dtype.
+        tiles: `schedule(meta.doc_lens, device)` for the documents packed in T.
+        scale: softmax scale (usually H ** -0.5).
+
+    Returns:
+        (T, N, H) outputs in the inputs' dtype.
+    """
+    check_inputs(q_TNH, k_TKH, v_TKH)
+    return _VarlenAttention.apply(q_TNH, k_TKH, v_TKH, tiles, scale)

@@ -1,0 +1,47 @@
+"""The Triton attention's tile schedule and input checks (plain CPU; the kernels themselves run in
+`tests/interpreted_kernels.py` under Triton's interpreter and in `tests/test_gpu_kernels.py`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from foundry_padfree import triton_attention as ta
+
+
+def test_schedule_tiles_each_document_from_its_first_token_longest_work_first():
+    sizes = ta.TileSizes(fwd_m=16, fwd_n=16, dkdv_n=32, dkdv_m=16, dq_m=16, dq_n=16)
+    tiles = ta.schedule((5, 33, 1), torch.device("cpu"), sizes)
+    # Documents [0,5), [5,38), [38,39). Query tiles cost the keys up to their end: 33, 21, 16, 5, 1.
+    assert tiles.fwd_P4.tolist() == [[37, 5, 38, 0], [21, 5, 38, 0], [5, 5, 38, 0], [0, 0, 5, 0], [38, 38, 39, 0]]
+    assert tiles.dq_P4.tolist() == tiles.fwd_P4.tolist()
+    # Key tiles of 32 cost the queries from their start on: 33, 5, 1, 1.
+    assert tiles.dkdv_P4.tolist() == [[5, 5, 38, 0], [0, 0, 5, 0], [37, 5, 38, 0], [38, 38, 39, 0]]
+    assert all(t.dtype == torch.int32 for t in tiles[:3])
+    # Each list starts 16-byte aligned (one compiled kernel variant whatever the batch).
+    assert all(t.data_ptr() % 16 == 0 for t in tiles[:3])
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_schedule_covers_every_token_once(block):
+    g = torch.Generator().manual_seed(0)
+    lens = tuple(int(n) for n in torch.randint(1, 300, (40,), generator=g))
+    tiles = ta.schedule(lens, torch.device("cpu"), ta.TileSizes(fwd_m=block, dkdv_n=block, dq_m=block))
+    covered = torch.zeros(sum(lens), dtype=torch.long)
+    starts = {s: s + n for s, n in zip(torch.tensor((0, *lens)).cumsum(0).tolist(), lens)}
+    for start, doc_start, doc_end, _ in tiles.fwd_P4.tolist():
+        assert starts[doc_start] == doc_end and doc_start <= start < doc_end
+        covered[start : min(start + block, doc_end)] += 1
+    assert covered.eq(1).all()
+
+
+def test_bad_inputs_name_the_value_and_the_way_out():
+    q = torch.zeros(4, 2, 512)
+    with pytest.raises(ValueError, match="head dims up to 256, got 512"):
+        ta.check_inputs(q, q, q)
+    q, k = torch.zeros(4, 3, 16), torch.zeros(4, 2, 16)
+    with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
+        ta.check_inputs(q, k, k)
+    q = torch.zeros(4, 2, 16)
+    with pytest.raises(ValueError, match="one dtype"):
+        ta.check_inputs(q, q.half(), q)
