@@ -39,8 +39,9 @@ _LOG2_E = 1.4426950408889634
 
 
 class TileSizes(NamedTuple):
-    """Tokens per tile. The defaults were the fastest of a sweep on an H200 (head dim 64, the
-    alpaca_eval length mix at 32k tokens, 32/8 and 9/3 heads); the interpreter tests shrink them."""
+    """Tokens per tile, and software-pipeline stages, of the three kernels. `SHORT_DOCS` and
+    `LONG_DOCS` were the fastest of sweeps on an H200 (head dim 64, 32/8 and 9/3 heads): the
+    alpaca_eval length mix, and documents of 2k to 32k tokens. The interpreter tests shrink them."""
 
     fwd_m: int = 64  # query rows per forward program
     fwd_n: int = 64  # keys per forward step
@@ -48,6 +49,13 @@ class TileSizes(NamedTuple):
     dkdv_m: int = 64  # query rows per dK/dV step
     dq_m: int = 64  # query rows per dQ program
     dq_n: int = 32  # keys per dQ step
+    dkdv_stages: int = 2
+
+
+SHORT_DOCS = TileSizes()
+LONG_DOCS = TileSizes(fwd_m=128, dkdv_n=128, dkdv_m=32, dkdv_stages=3)
+# Tokens whose documents are this long on average (sum len^2 / sum len) take the LONG_DOCS tiles.
+LONG_DOC_TOKENS = 2048
 
 
 class Schedules(NamedTuple):
@@ -78,9 +86,13 @@ def _tiles(doc_lens: np.ndarray, starts: np.ndarray, block: int, queries: bool) 
 def schedule(doc_lens: tuple[int, ...], device: torch.device, sizes: TileSizes | None = None) -> Schedules:
     """The tiles of every kernel for documents of `doc_lens` (host ints) packed back to back.
 
-    One host-to-device copy (no sync); built once per forward and shared by every layer."""
-    sizes = sizes or TileSizes()
+    One host-to-device copy (no sync); built once per forward and shared by every layer. Without
+    `sizes`, the tiles suit the batch: `LONG_DOCS` when its tokens sit in documents of
+    `LONG_DOC_TOKENS` or more on (token-weighted) average, else `SHORT_DOCS`."""
     lens = np.asarray(doc_lens, dtype=np.int64)
+    if sizes is None:
+        long_docs = (lens * lens).sum() >= LONG_DOC_TOKENS * max(1, lens.sum())
+        sizes = LONG_DOCS if long_docs else SHORT_DOCS
     starts = np.cumsum(lens) - lens
     kinds = [(sizes.fwd_m, True), (sizes.dkdv_n, False), (sizes.dq_m, True)]
     unique = list(dict.fromkeys(kinds))  # the forward and dQ tiles coincide when their sizes do
@@ -285,9 +297,8 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _launch(kernel: str, head_dim: int, block: int) -> dict:
-    """Warps and pipeline stages per kernel (`fwd`, `dkdv`, `dq`) for tiles of `block` rows."""
-    return dict(num_warps=8 if _block_d(head_dim) * block > 8192 else 4, num_stages=3 if kernel == "fwd" else 2)
+def _warps(head_dim: int, block: int) -> int:
+    return 8 if _block_d(head_dim) * block > 8192 else 4
 
 
 class _VarlenAttention(torch.autograd.Function):
@@ -306,7 +317,7 @@ class _VarlenAttention(torch.autograd.Function):
                 T, scale * _LOG2_E,
                 HEAD_DIM=H, GROUP=N // K, BLOCK_D=_block_d(H), BLOCK_M=s.fwd_m, BLOCK_N=s.fwd_n,
                 PRECISION=_precision(q_TNH.dtype),
-                **_launch("fwd", H, s.fwd_m),
+                num_warps=_warps(H, s.fwd_m), num_stages=3,
             )  # fmt: skip
         ctx.save_for_backward(q_TNH, k_TKH, v_TKH, o_TNH, lse_NT)
         ctx.tiles, ctx.scale = tiles, scale
@@ -341,12 +352,12 @@ class _VarlenAttention(torch.autograd.Function):
         _dkdv_kernel[(K, len(tiles.dkdv_P4))](
             q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dk_TKH, dv_TKH, tiles.dkdv_P4,
             *strides, *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], T, scale * _LOG2_E, scale,
-            BLOCK_M=s.dkdv_m, BLOCK_N=s.dkdv_n, **_launch("dkdv", H, s.dkdv_n), **common,
+            BLOCK_M=s.dkdv_m, BLOCK_N=s.dkdv_n, num_warps=_warps(H, s.dkdv_n), num_stages=s.dkdv_stages, **common,
         )  # fmt: skip
         _dq_kernel[(N, len(tiles.dq_P4))](
             q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dq_TNH, tiles.dq_P4,
             *strides, *dq_TNH.stride()[:2], T, scale * _LOG2_E, scale,
-            BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, **_launch("dq", H, s.dq_m), **common,
+            BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, num_warps=_warps(H, s.dq_m), num_stages=2, **common,
         )  # fmt: skip
         return dq_TNH, dk_TKH, dv_TKH, None, None
 

@@ -180,12 +180,13 @@ def test_triton_attention_matches_per_document_sdpa(dtype, lens, N, K_heads, H):
         torch.testing.assert_close(g.float(), g_ref, **tol, msg=f"d{name}")
 
 
-def test_triton_attention_with_the_default_tiles():
-    # Tiles larger than every document (and a document spanning two forward tiles).
+@pytest.mark.parametrize("preset", ["SHORT_DOCS", "LONG_DOCS"])
+def test_triton_attention_with_the_shipped_tiles(preset):
+    # Tiles larger than most documents, and a document spanning two tiles of each kernel.
     from foundry_padfree import triton_attention as ta
 
-    meta, (q, k, v), grad = _attention_case([3, 70, 20], 2, 1, 16, torch.float32)
-    o = ta.varlen_attention(q, k, v, ta.schedule(meta.doc_lens, q.device), 0.3)
+    meta, (q, k, v), grad = _attention_case([3, 140, 20], 2, 1, 16, torch.float32)
+    o = ta.varlen_attention(q, k, v, ta.schedule(meta.doc_lens, q.device, getattr(ta, preset)), 0.3)
     grads = torch.autograd.grad(o, (q, k, v), grad)
     from foundry_padfree.attention import _sdpa_attend
 

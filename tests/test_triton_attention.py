@@ -35,6 +35,13 @@ def test_schedule_covers_every_token_once(block):
     assert covered.eq(1).all()
 
 
+def test_schedule_picks_long_document_tiles_from_the_length_mix():
+    cpu = torch.device("cpu")
+    assert ta.schedule((300, 500, 40) * 10, cpu).sizes == ta.SHORT_DOCS
+    assert ta.schedule((2048,) * 4, cpu).sizes == ta.LONG_DOCS
+    assert ta.schedule((8192, 50, 50), cpu).sizes == ta.LONG_DOCS  # most tokens sit in the long one
+
+
 def test_bad_inputs_name_the_value_and_the_way_out():
     q = torch.zeros(4, 2, 512)
     with pytest.raises(ValueError, match="head dims up to 256, got 512"):
