@@ -171,7 +171,10 @@ def test_tied_embeddings_count_once(tmp_path):
         ({"attn_bakend": "sdpa"}, r"attn_bakend: did you mean 'attn_backend'\?"),
         ({"loss_on_real_tokens": True}, r"did you mean 'loss_on_real_tokens_only'\?"),
         ({"attn_implementation": "flash_attention_2"}, r"attn_implementation: the padding-free model picks"),
-        ({"attn_backend": "flash"}, r"attn_backend='flash' is not a known backend; use one of auto, triton, flash_attn"),
+        (
+            {"attn_backend": "flash"},
+            r"attn_backend='flash' is not a known backend; use one of auto, triton, flash_attn",
+        ),
         ({"attn_backend": "flash_attn"}, r"attn_backend='flash_attn' cannot run on cpu here"),
         ({"config_overrides": {"num_hiden_layers": 1}}, r'config does not have attribute "num_hiden_layers"'),
         ({"config_overrides": {"loss_chunk_size": 0}}, r"loss_chunk_size=0 must be a positive int"),

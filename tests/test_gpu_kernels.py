@@ -56,13 +56,23 @@ def test_kernel_forward_and_backward_against_fp32_reference(backend, kv_heads):
         assert err <= 2 * pt_err + 1e-5, (what, err, pt_err)
 
 
-@pytest.mark.parametrize("head_dim, dtype", [(128, torch.bfloat16), (80, torch.bfloat16), (64, torch.float16)])
-def test_triton_attention_other_head_dims_dtypes_and_long_documents(head_dim, dtype):
+@pytest.mark.parametrize(
+    "head_dim, dtype, lens, tiles",
+    [
+        (128, torch.bfloat16, [2048, 5, 700, 1], "SHORT_DOCS"),
+        (80, torch.bfloat16, [2048, 5, 700, 1], "SHORT_DOCS"),
+        (64, torch.float16, [2048, 5, 700, 1], "SHORT_DOCS"),
+        (64, torch.bfloat16, [4096, 3000, 20], "LONG_DOCS"),
+    ],
+)
+def test_triton_attention_other_head_dims_dtypes_and_long_documents(head_dim, dtype, lens, tiles):
+    from foundry_padfree import triton_attention
+
     _needs("triton")
     torch.manual_seed(0)
-    lens = [2048, 5, 700, 1]
     T, N, K = sum(lens), 4, 2
     meta = BACKENDS["triton"].prepare(_meta(lens))
+    assert meta.attn_extra.sizes == getattr(triton_attention, tiles)
     q32, k32, v32 = (torch.randn(T, n, head_dim, device="cuda") for n in (N, K, K))
     grad_out = torch.randn(T, N, head_dim, device="cuda")
 
@@ -75,7 +85,7 @@ def test_triton_attention_other_head_dims_dtypes_and_long_documents(head_dim, dt
     ref, pt, ours = run("sdpa", torch.float32), run("sdpa", dtype), run("triton", dtype)
     for what, o, p, r in zip(("out", "dq", "dk", "dv"), ours, pt, ref):
         err, pt_err = _bound(o, p, r)
-        print(f"triton H={head_dim} {dtype} {what}: max|ours-fp32|={err:.3e} max|torch-fp32|={pt_err:.3e}")
+        print(f"triton H={head_dim} {dtype} {tiles} {what}: max|ours-fp32|={err:.3e} max|torch-fp32|={pt_err:.3e}")
         assert err <= 2 * pt_err + 1e-5, (what, err, pt_err)
 
 

@@ -229,7 +229,10 @@ def test_sft_llama3_yaml_runs_shrunk(tiny_tokenizer_dir, tmp_path):
     ("override", "match"),
     [
         ("model.atn_backend=flex", r"atn_backend: did you mean 'attn_backend'\?"),
-        ("model.attn_backend=flesh", r"attn_backend='flesh' is not a known backend; use one of auto, triton, flash_attn"),
+        (
+            "model.attn_backend=flesh",
+            r"attn_backend='flesh' is not a known backend; use one of auto, triton, flash_attn",
+        ),
     ],
 )
 def test_cpu_yaml_model_typos_fail_fast(demo_run_dir, tmp_path, override, match):
