@@ -56,3 +56,17 @@ def test_targets_are_reported(report):
     assert any("compiled / hf_concat" in n for n in names)
     assert any("recompiles" in n for n in names)
     assert report["matmul_tflops"] > 0
+
+
+def test_attention_bench_quick_runs_and_reports(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "attention.json"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_attention.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["data"], r["backend"]) for r in rows} == {("alpaca@256", "sdpa"), ("sweep64@256", "sdpa")}
+    assert all(r["fwd_bwd_ms"] > r["fwd_ms"] > 0 for r in rows), rows
+    assert rows[1]["docs"] == 4  # 256 tokens in documents of 64
