@@ -5,15 +5,16 @@ P tiles of a schedule.
 
 FlashAttention's tiling (online softmax forward; backward in two passes that recompute the
 probabilities: one per key block for dK/dV, one per query block for dQ), with three choices made
-for batches of many short documents, where the general-purpose kernels spend most of their time on
-tile set-up and on masked work along the diagonal:
+for batches of many short documents, where each document fills only a few tiles, so tile set-up and
+the masked diagonal weigh more than on long sequences:
 
 - Work is scheduled on the host, once per forward: `schedule` lists the tiles each kernel runs
   (tile start, document start, document end), longest first, from the document lengths the unpad
   step already copied to the host. No program is launched for a tile outside every document, and
   tiles start at their document's first token, so no tile straddles two documents.
-- Small tiles (64 queries x 64 keys; `TileSizes`): a document of a few hundred tokens wastes less
-  of each tile, and only the blocks that cross the diagonal are masked.
+- Small tiles (64 queries x 64 keys, `SHORT_DOCS`): a document of a few hundred tokens wastes less
+  of each tile, and only the blocks that cross the diagonal are masked. Batches of long documents
+  get larger tiles (`LONG_DOCS`).
 - A dK/dV program owns one key/value head and loops over the G query heads that share it, so GQA
   needs no expanded `[T,N,H]` key gradients and no reduction afterwards.
 
