@@ -298,6 +298,12 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _unit_last_stride(x: Tensor) -> Tensor:
+    """`x` as it is when its head dim is contiguous: the kernels take token and head strides, so
+    q/k/v that are views into one projection or one fused buffer need no copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _warps(head_dim: int, block: int) -> int:
     return 8 if _block_d(head_dim) * block > 8192 else 4
 
@@ -305,7 +311,7 @@ def _warps(head_dim: int, block: int) -> int:
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, tiles: Schedules, scale: float) -> Tensor:
-        q_TNH, k_TKH, v_TKH = (t.contiguous() for t in (q_TNH, k_TKH, v_TKH))
+        q_TNH, k_TKH, v_TKH = (_unit_last_stride(t) for t in (q_TNH, k_TKH, v_TKH))
         T, N, H = q_TNH.shape
         K = k_TKH.shape[1]
         o_TNH = torch.empty_like(q_TNH)
@@ -328,7 +334,7 @@ class _VarlenAttention(torch.autograd.Function):
     def backward(ctx, do_TNH: Tensor):
         q_TNH, k_TKH, v_TKH, o_TNH, lse_NT = ctx.saved_tensors
         tiles, scale = ctx.tiles, ctx.scale
-        do_TNH = do_TNH.contiguous()
+        do_TNH = _unit_last_stride(do_TNH)
         T, N, H = q_TNH.shape
         K = k_TKH.shape[1]
         s = tiles.sizes

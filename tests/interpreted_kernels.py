@@ -210,3 +210,26 @@ def test_the_model_on_triton_attention_matches_sdpa(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_triton_attention_takes_strided_views_without_copying(monkeypatch):
+    # q, k and v as views into one fused projection output: token stride (N + 2K) * H.
+    from foundry_padfree import triton_attention as ta
+
+    meta, (q, k, v), grad = _attention_case([7, 30], 4, 2, 16, torch.float32)
+    qkv = torch.cat([q.detach(), k.detach(), v.detach()], dim=1).requires_grad_()  # (T, N + 2K, H)
+    views = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    assert not views[0].is_contiguous()
+    copies = []
+    contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(
+        torch.Tensor, "contiguous", lambda t, *a, **kw: copies.append(t.shape) or contiguous(t, *a, **kw)
+    )
+    tiles = ta.schedule(meta.doc_lens, q.device, ta.TileSizes(**SMALL_TILES))
+    o = ta.varlen_attention(*views, tiles, 16**-0.5)
+    (d_qkv,) = torch.autograd.grad(o, qkv, grad)
+    monkeypatch.undo()
+    assert copies == [], f"copied inputs of shapes {copies}"
+    o_ref, grads_ref = _sdpa_fp32(meta, (q, k, v), grad)
+    torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(d_qkv, torch.cat(grads_ref, dim=1), atol=2e-5, rtol=2e-5)
