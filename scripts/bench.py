@@ -752,7 +752,7 @@ def _find(report: dict, shape: str, data: str, system: str) -> dict | None:
 
 
 def check_targets(report: dict) -> list[dict]:
-    """The issue's targets, each with the measured value (None where a system did not run)."""
+    """The performance targets, each with the measured value (None where a system did not run)."""
     out = []
     budgets = sorted({r["budget"] for r in report["results"] if r["data"].startswith("alpaca")}, reverse=True)
     if not budgets:
