@@ -109,6 +109,27 @@ def schedule(doc_lens: tuple[int, ...], device: torch.device, sizes: TileSizes |
 
 if HAS_TRITON:
 
+    @triton.jit
+    def _tile(TILES, tile):
+        """(tile start, document start, document end) of row `tile` of a schedule."""
+        return tl.load(TILES + tile * 4), tl.load(TILES + tile * 4 + 1), tl.load(TILES + tile * 4 + 2)
+
+    @triton.jit
+    def _load_rows(ptr, rows, head, stride_t, stride_h, offs_d, row_ok, d_ok):
+        """The `[rows, BLOCK_D]` block of one head of a `(T, heads, H)` tensor, zeros where masked."""
+        offsets = rows[:, None].to(tl.int64) * stride_t + head * stride_h + offs_d[None, :]
+        return tl.load(ptr + offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    @triton.jit
+    def _store_rows(ptr, x, rows, head, stride_t, stride_h, offs_d, row_ok, d_ok):
+        offsets = rows[:, None].to(tl.int64) * stride_t + head * stride_h + offs_d[None, :]
+        tl.store(ptr + offsets, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _load_per_token(ptr, head, T, rows, row_ok):
+        """Entries `rows` of head `head` of an `(N, T)` fp32 tensor (log-sum-exps, row terms)."""
+        return tl.load(ptr + head.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+
     @triton.jit(do_not_specialize=["T"])  # T changes every batch: one compiled variant for all
     def _fwd_kernel(
         Q, K, V, Out, LSE, TILES,
@@ -118,17 +139,13 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         n = tl.program_id(0)
-        tile = tl.program_id(1)
-        q0 = tl.load(TILES + tile * 4)
-        ds = tl.load(TILES + tile * 4 + 1)
-        de = tl.load(TILES + tile * 4 + 2)
+        q0, ds, de = _tile(TILES, tl.program_id(1))
         kh = n // GROUP
         offs_m = q0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
         m_ok = offs_m < de
-        q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qt + n * stride_qn + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        q = _load_rows(Q, offs_m, n, stride_qt, stride_qn, offs_d, m_ok, d_ok)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -138,13 +155,8 @@ if HAS_TRITON:
         for start_n in range(ds, q_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < q_end
-            rows = offs_n[:, None].to(tl.int64)
-            k = tl.load(
-                K + rows * stride_kt + kh * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            v = tl.load(
-                V + rows * stride_vt + kh * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-            )
+            k = _load_rows(K, offs_n, kh, stride_kt, stride_kn, offs_d, n_ok, d_ok)
+            v = _load_rows(V, offs_n, kh, stride_vt, stride_vn, offs_d, n_ok, d_ok)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             if start_n >= unmasked_end:
                 s = tl.where((offs_m[:, None] >= offs_n[None, :]) & n_ok[None, :], s, float("-inf"))
@@ -154,9 +166,7 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        o = acc / l_i[:, None]
-        tl.store(Out + offs_m[:, None].to(tl.int64) * stride_ot + n * stride_on + offs_d[None, :],
-                 o.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])  # fmt: skip
+        _store_rows(Out, acc / l_i[:, None], offs_m, n, stride_ot, stride_on, offs_d, m_ok, d_ok)
         tl.store(LSE + n.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
     @triton.jit(do_not_specialize=["T"])
@@ -168,13 +178,8 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
         ok = offs_t < T
-        rows = offs_t[:, None].to(tl.int64)
-        o = tl.load(
-            Out + rows * stride_ot + n * stride_on + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0
-        )
-        do = tl.load(
-            DO + rows * stride_dt + n * stride_dn + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0
-        )
+        o = _load_rows(Out, offs_t, n, stride_ot, stride_on, offs_d, ok, d_ok)
+        do = _load_rows(DO, offs_t, n, stride_dt, stride_dn, offs_d, ok, d_ok)
         tl.store(DELTA + n.to(tl.int64) * T + offs_t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
 
     @triton.jit(do_not_specialize=["T"])
@@ -187,20 +192,13 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         kh = tl.program_id(0)
-        tile = tl.program_id(1)
-        k0 = tl.load(TILES + tile * 4)
-        de = tl.load(TILES + tile * 4 + 2)
+        k0, _, de = _tile(TILES, tl.program_id(1))
         offs_n = k0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
         n_ok = offs_n < de
-        rows_n = offs_n[:, None].to(tl.int64)
-        k = tl.load(
-            K + rows_n * stride_kt + kh * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        v = tl.load(
-            V + rows_n * stride_vt + kh * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        k = _load_rows(K, offs_n, kh, stride_kt, stride_kn, offs_d, n_ok, d_ok)
+        v = _load_rows(V, offs_n, kh, stride_vt, stride_vn, offs_d, n_ok, d_ok)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         # Query blocks that start after this key block's last key need no causal mask.
@@ -210,16 +208,10 @@ if HAS_TRITON:
             for start_m in range(k0, de, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < de
-                rows_m = offs_m[:, None].to(tl.int64)
-                q = tl.load(
-                    Q + rows_m * stride_qt + n * stride_qn + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                do = tl.load(DO + rows_m * stride_dot + n * stride_don + offs_d[None, :],
-                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-                lse = tl.load(LSE + n.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
-                delta = tl.load(DELTA + n.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+                q = _load_rows(Q, offs_m, n, stride_qt, stride_qn, offs_d, m_ok, d_ok)
+                do = _load_rows(DO, offs_m, n, stride_dot, stride_don, offs_d, m_ok, d_ok)
+                lse = _load_per_token(LSE, n, T, offs_m, m_ok)
+                delta = _load_per_token(DELTA, n, T, offs_m, m_ok)
                 s_T = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # [keys, queries]
                 if start_m < masked_end:
                     keep = (offs_m[None, :] >= offs_n[:, None]) & m_ok[None, :]
@@ -230,10 +222,8 @@ if HAS_TRITON:
                 dp_T = tl.dot(v, tl.trans(do), input_precision=PRECISION)
                 ds_T = p_T * (dp_T - delta[None, :])
                 dk += tl.dot(ds_T.to(q.dtype), q, input_precision=PRECISION)
-        tl.store(DK + rows_n * stride_dkt + kh * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-                 mask=n_ok[:, None] & d_ok[None, :])  # fmt: skip
-        tl.store(DV + rows_n * stride_dvt + kh * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                 mask=n_ok[:, None] & d_ok[None, :])  # fmt: skip
+        _store_rows(DK, dk * scale, offs_n, kh, stride_dkt, stride_dkn, offs_d, n_ok, d_ok)
+        _store_rows(DV, dv, offs_n, kh, stride_dvt, stride_dvn, offs_d, n_ok, d_ok)
 
     @triton.jit(do_not_specialize=["T"])
     def _dq_kernel(
@@ -245,37 +235,24 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         n = tl.program_id(0)
-        tile = tl.program_id(1)
-        q0 = tl.load(TILES + tile * 4)
-        ds = tl.load(TILES + tile * 4 + 1)
-        de = tl.load(TILES + tile * 4 + 2)
+        q0, ds, de = _tile(TILES, tl.program_id(1))
         kh = n // GROUP
         offs_m = q0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
         m_ok = offs_m < de
-        rows_m = offs_m[:, None].to(tl.int64)
-        q = tl.load(
-            Q + rows_m * stride_qt + n * stride_qn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        do = tl.load(
-            DO + rows_m * stride_dot + n * stride_don + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        lse = tl.load(LSE + n.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + n.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+        q = _load_rows(Q, offs_m, n, stride_qt, stride_qn, offs_d, m_ok, d_ok)
+        do = _load_rows(DO, offs_m, n, stride_dot, stride_don, offs_d, m_ok, d_ok)
+        lse = _load_per_token(LSE, n, T, offs_m, m_ok)
+        delta = _load_per_token(DELTA, n, T, offs_m, m_ok)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         q_end = tl.minimum(q0 + BLOCK_M, de)
         unmasked_end = ds + ((q0 - ds) // BLOCK_N) * BLOCK_N
         for start_n in range(ds, q_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < q_end
-            rows_n = offs_n[:, None].to(tl.int64)
-            k = tl.load(
-                K + rows_n * stride_kt + kh * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            v = tl.load(
-                V + rows_n * stride_vt + kh * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-            )
+            k = _load_rows(K, offs_n, kh, stride_kt, stride_kn, offs_d, n_ok, d_ok)
+            v = _load_rows(V, offs_n, kh, stride_vt, stride_vn, offs_d, n_ok, d_ok)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             if start_n >= unmasked_end:
                 keep = (offs_m[:, None] >= offs_n[None, :]) & n_ok[None, :] & m_ok[:, None]
@@ -285,8 +262,7 @@ if HAS_TRITON:
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds_ = p * (dp - delta[:, None])
             dq += tl.dot(ds_.to(k.dtype), k, input_precision=PRECISION)
-        tl.store(DQ + rows_m * stride_dqt + n * stride_dqn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                 mask=m_ok[:, None] & d_ok[None, :])  # fmt: skip
+        _store_rows(DQ, dq * scale, offs_m, n, stride_dqt, stride_dqn, offs_d, m_ok, d_ok)
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -146,11 +146,11 @@ def _attention_case(lens, N, K_heads, H, dtype):
     return meta, (q, k, v), torch.randn(T, N, H).to(dtype)
 
 
-def _sdpa_fp32(meta, qkv, grad):
+def _sdpa_fp32(meta, qkv, grad, scale=None):
     from foundry_padfree.attention import _sdpa_attend
 
     q, k, v = (t.detach().float().requires_grad_() for t in qkv)
-    o = _sdpa_attend(q, k, v, meta, q.shape[-1] ** -0.5)
+    o = _sdpa_attend(q, k, v, meta, scale or q.shape[-1] ** -0.5)
     return o, torch.autograd.grad(o, (q, k, v), grad.float())
 
 
@@ -188,12 +188,9 @@ def test_triton_attention_with_the_shipped_tiles(preset):
     meta, (q, k, v), grad = _attention_case([3, 140, 20], 2, 1, 16, torch.float32)
     o = ta.varlen_attention(q, k, v, ta.schedule(meta.doc_lens, q.device, getattr(ta, preset)), 0.3)
     grads = torch.autograd.grad(o, (q, k, v), grad)
-    from foundry_padfree.attention import _sdpa_attend
-
-    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
-    o_ref = _sdpa_attend(q2, k2, v2, meta, 0.3)
+    o_ref, grads_ref = _sdpa_fp32(meta, (q, k, v), grad, scale=0.3)
     torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=2e-5)
-    for g, g_ref in zip(grads, torch.autograd.grad(o_ref, (q2, k2, v2), grad)):
+    for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=2e-5)
 
 
