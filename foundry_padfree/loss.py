@@ -56,21 +56,23 @@ def _compiled_nll_and_grad(backend: str):
 
 @functools.cache
 def _addmm_takes_out_dtype() -> bool:
-    """Whether this torch's CUDA `addmm` accumulates bf16 products into an fp32 tensor directly."""
+    """Whether this torch's CUDA `addmm` accumulates bf16 products into an fp32 tensor in place."""
     try:
         a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
-        torch.addmm(torch.zeros(2, 2, device="cuda"), a, a, out_dtype=torch.float32)
+        acc = torch.zeros(2, 2, device="cuda")
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
     except (TypeError, RuntimeError):
         return False
-    return True
+    return bool((acc == 2).all())
 
 
 def _accumulate_mm(acc_VD: Tensor, a_VC: Tensor, b_CD: Tensor) -> Tensor:
-    """acc + a @ b, in acc's (fp32) precision, without a low-precision `[V,D]` product when torch can."""
+    """acc += a @ b in place, in acc's (fp32) precision, without a low-precision `[V,D]` product
+    when torch can. In place: an out-of-place `addmm` would first copy the whole `[V,D]` fp32 acc."""
     if a_VC.dtype == acc_VD.dtype:
         return acc_VD.addmm_(a_VC, b_CD)
     if acc_VD.is_cuda and _addmm_takes_out_dtype():
-        return torch.addmm(acc_VD, a_VC, b_CD, out_dtype=acc_VD.dtype)
+        return torch.addmm(acc_VD, a_VC, b_CD, out_dtype=acc_VD.dtype, out=acc_VD)
     return acc_VD.add_(a_VC @ b_CD)
 
 
