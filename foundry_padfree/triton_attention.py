@@ -130,6 +130,13 @@ if HAS_TRITON:
         """Entries `rows` of head `head` of an `(N, T)` fp32 tensor (log-sum-exps, row terms)."""
         return tl.load(ptr + head.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
 
+    @triton.jit
+    def _key_blocks(q0, ds, de, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """For the query tile at `q0` of the document [ds, de): the end of the keys it sees, and where
+        the key blocks that need the causal mask begin (blocks that end at or before the tile's first
+        query need none)."""
+        return tl.minimum(q0 + BLOCK_M, de), ds + ((q0 - ds) // BLOCK_N) * BLOCK_N
+
     @triton.jit(do_not_specialize=["T"])  # T changes every batch: one compiled variant for all
     def _fwd_kernel(
         Q, K, V, Out, LSE, TILES,
@@ -149,9 +156,7 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        q_end = tl.minimum(q0 + BLOCK_M, de)
-        # Key blocks that end at or before the tile's first query need no mask.
-        unmasked_end = ds + ((q0 - ds) // BLOCK_N) * BLOCK_N
+        q_end, unmasked_end = _key_blocks(q0, ds, de, BLOCK_M, BLOCK_N)
         for start_n in range(ds, q_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < q_end
@@ -246,8 +251,7 @@ if HAS_TRITON:
         lse = _load_per_token(LSE, n, T, offs_m, m_ok)
         delta = _load_per_token(DELTA, n, T, offs_m, m_ok)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        q_end = tl.minimum(q0 + BLOCK_M, de)
-        unmasked_end = ds + ((q0 - ds) // BLOCK_N) * BLOCK_N
+        q_end, unmasked_end = _key_blocks(q0, ds, de, BLOCK_M, BLOCK_N)
         for start_n in range(ds, q_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < q_end

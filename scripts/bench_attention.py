@@ -21,12 +21,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import DEFAULT_DATA, alpaca_docs, mix_steps
+from bench import DEFAULT_DATA, SHAPES, alpaca_docs, mix_steps
 
 from foundry_padfree.attention import BACKENDS, available_backends
 from foundry_padfree.varlen import unpad
 
-HEADS = {"llama3.2-1b": (32, 8, 64, 16), "smollm2-135m": (9, 3, 64, 30)}  # (N, K, H, layers)
+MEASURED_SHAPES = ["llama3.2-1b", "smollm2-135m"]
+
+
+def heads_of(shape: str) -> tuple[int, int, int, int]:
+    """(query heads, key/value heads, head dim, layers) of one of `bench.SHAPES`."""
+    c = SHAPES[shape]
+    N = c["num_attention_heads"]
+    return N, c["num_key_value_heads"], c.get("head_dim") or c["hidden_size"] // N, c["num_hidden_layers"]
 
 
 def time_ms(fn, device: torch.device, reps: int) -> float:
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path)
     p.add_argument("--budget", type=int, default=32768, help="tokens per batch")
     p.add_argument("--sweep-lengths", nargs="*", type=int, default=[256, 2048, 8192, 32768])
-    p.add_argument("--shapes", nargs="+", default=list(HEADS), choices=list(HEADS))
+    p.add_argument("--shapes", nargs="+", default=MEASURED_SHAPES, choices=sorted(SHAPES))
     p.add_argument("--backends", nargs="+", default=None, help="default: every one available (not sdpa on GPU)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="tiny CPU run of the reference backend")
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print("|---|---|---|---|---|---|---|")
     for shape in args.shapes:
-        heads = HEADS[shape]
+        heads = heads_of(shape)
         for data, lens in mixes.items():
             for backend in backends:
                 try:
