@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,6 @@ def test_targets_are_reported(report):
 
 def test_attention_bench_quick_runs_and_reports(tmp_path):
     import subprocess
-    import sys
 
     out = tmp_path / "attention.json"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_attention.py"), "--quick", "--out", str(out)],
@@ -71,3 +71,29 @@ def test_attention_bench_quick_runs_and_reports(tmp_path):
     # Times only have to be measured (positive, finite); their values mean nothing on CPU.
     assert all(0 < r["fwd_ms"] < math.inf and 0 < r["fwd_bwd_ms"] < math.inf for r in rows), rows
     assert rows[1]["docs"] == 4  # 256 tokens in documents of 64
+
+
+def test_products_bench_quick_counts_every_product_of_a_step(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_products", ROOT / "scripts" / "bench_products.py")
+    products = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_products", products)  # its dataclass looks itself up there
+    spec.loader.exec_module(products)
+    out = tmp_path / "products.json"
+    report = products.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["shapes"][0]["shape"] == "tiny"
+    (r,) = report["shapes"]
+    c = products.SHAPES["tiny"]
+    D, F, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    H = D // c["num_attention_heads"]
+    layer_params = D * H * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"]) + 3 * D * F
+    # Three products per weight and token: every layer on every token, the head on supervised ones.
+    assert r["product_flops"] == 6 * L * layer_params * r["tokens"] + 6 * V * D * r["supervised_tokens"]
+    assert r["tokens"] == 256 and 0 < r["supervised_tokens"] < r["tokens"]
+    chunks = math.ceil(r["supervised_tokens"] / r["loss_chunk"])
+    assert sum(p["count"] for p in r["products"]) == 21 * L + 3 * chunks
+    order = products.step_order([products.Product(**{k: p[k] for k in ["name", "m", "k", "n", "count"]})
+                                 for p in r["products"]], L)  # fmt: skip
+    assert len(order) == 21 * L + 3 * chunks
+    assert [p.name.split(".")[0] for p in order[:7]] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert all(0 < p["ms"] < math.inf for p in r["products"]) and r["sequence_ms"] > 0
+    assert len(report["sustained"]["tflops_by_tenth"]) == 10 and report["copy_gbps"] > 0
