@@ -255,6 +255,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 2) -> float:
+    """Mean milliseconds of `fn` over `reps` calls after `warmup` calls: CUDA events around the
+    calls on the GPU, wall clock elsewhere. For the kernel-level scripts beside this one."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type != "cuda":
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    sync(device)
+    return start.elapsed_time(end) / reps
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import DEFAULT_DATA, SHAPES, alpaca_docs, mix_steps
+from bench import DEFAULT_DATA, SHAPES, alpaca_docs, mix_steps, time_ms
 
 from foundry_padfree.attention import BACKENDS, available_backends
 from foundry_padfree.varlen import unpad
@@ -34,24 +33,6 @@ def heads_of(shape: str) -> tuple[int, int, int, int]:
     c = SHAPES[shape]
     N = c["num_attention_heads"]
     return N, c["num_key_value_heads"], c.get("head_dim") or c["hidden_size"] // N, c["num_hidden_layers"]
-
-
-def time_ms(fn, device: torch.device, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    if device.type != "cuda":
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t) / reps * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def measure(backend: str, lens: list[int], heads: tuple[int, int, int, int], device, dtype, reps: int) -> dict:

@@ -38,7 +38,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import DEFAULT_DATA, SHAPES, alpaca_docs, make_batch, matmul_ceiling, mix_steps, num_matmul_params, sync
+from bench import (
+    DEFAULT_DATA,
+    SHAPES,
+    alpaca_docs,
+    make_batch,
+    matmul_ceiling,
+    mix_steps,
+    num_matmul_params,
+    sync,
+    time_ms,
+)
 
 from foundry_padfree.loss import _accumulate_mm
 from foundry_padfree.varlen import unpad
@@ -116,25 +126,6 @@ def product_fn(p: Product, device: torch.device, dtype: torch.dtype) -> Callable
     return lambda: dy.t() @ x
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> float:
-    """Mean milliseconds of `fn` over `reps` calls after `warmup`, CUDA events on the GPU."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type != "cuda":
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t) / reps * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    sync(device)
-    return start.elapsed_time(end) / reps
-
-
 def step_order(products: list[Product], layers: int) -> list[Product]:
     """The products of one step in the order the step runs them: the layers' forward products, then
     the head's per chunk (its backward products run inside the loss's forward), then the layers'
@@ -162,7 +153,7 @@ def sustained_ceiling(device: torch.device, n: int, seconds: float, dtype: torch
     """TFLOP/s of an n^3 product run back-to-back for `seconds`, per tenth of the loop, and the
     GPU clocks read from another thread during its last third."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    one_ms = time_ms(lambda: a @ b, device, reps=5)
+    one_ms = time_ms(lambda: a @ b, device, reps=5, warmup=3)
     per_part = max(1, int(seconds * 1e3 / one_ms / 10))
     clocks: list[str | None] = []
     reader = threading.Timer(seconds * 0.7, lambda: clocks.append(gpu_clocks()))
@@ -193,7 +184,7 @@ def copy_bandwidth(device: torch.device, n_bytes: int, reps: int) -> float:
     pass over activations that reads and writes each element once can reach."""
     a = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
-    ms = time_ms(lambda: b.copy_(a), device, reps)
+    ms = time_ms(lambda: b.copy_(a), device, reps, warmup=3)
     return 2 * n_bytes / ms / 1e6
 
 
@@ -206,7 +197,7 @@ def measure_shape(shape: str, budget: int, args, device: torch.device, dtype: to
     fns = {}
     for p in products:
         fns[p.name] = product_fn(p, device, dtype)
-        ms = time_ms(fns[p.name], device, args.reps)
+        ms = time_ms(fns[p.name], device, args.reps, warmup=3)
         rows.append(dict(asdict(p), ms=ms, tflops=p.flops / ms / 1e9, ms_per_step=ms * p.count))
     order = [fns[p.name] for p in step_order(products, SHAPES[shape]["num_hidden_layers"])]
 
