@@ -12,7 +12,7 @@ weight-gradient products (`foundry_padfree.loss`). It times them with the calls 
 - the n x n x n ceiling of `bench.py` (20 products), and the same product kept up for
   `--sustain-s` seconds, since under sustained load the GPU lowers its clocks to stay within its
   power limit (nvidia-smi's SM clock and power draw are read during that loop when it is there);
-- a device-to-device copy: the memory bandwidth left to the step's passes over activations.
+- a device-to-device copy: the memory bandwidth a pass over activations can reach.
 
     python scripts/bench_products.py --out runs/products.json
     python scripts/bench_products.py --quick      # tiny CPU run (a test)
