@@ -188,8 +188,7 @@ def copy_bandwidth(device: torch.device, n_bytes: int, reps: int) -> float:
     return 2 * n_bytes / ms / 1e6
 
 
-def measure_shape(shape: str, budget: int, args, device: torch.device, dtype: torch.dtype) -> dict:
-    step = mix_steps(alpaca_docs(args.data, args.max_doc_len), [budget], args.seed)[0]
+def measure_shape(shape: str, step: list[tuple[int, int]], args, device: torch.device, dtype: torch.dtype) -> dict:
     tokens = sum(n for n, _ in step)
     supervised = supervised_tokens(step, SHAPES[shape]["vocab_size"])
     products = step_products(shape, tokens, supervised, args.loss_chunk)
@@ -209,7 +208,7 @@ def measure_shape(shape: str, budget: int, args, device: torch.device, dtype: to
     flops = sum(p.flops * p.count for p in products)
     return dict(
         shape=shape,
-        data=f"alpaca@{budget}",
+        data=f"alpaca@{args.budget}",
         tokens=tokens,
         supervised_tokens=supervised,
         docs=len(step),
@@ -244,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.reps, args.step_reps, args.matmul_size, args.sustain_s, args.copy_mib = 2, 1, 128, 0.05, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    step = mix_steps(alpaca_docs(args.data, args.max_doc_len), [args.budget], args.seed)[0]  # every shape's
 
     report = dict(
         command=" ".join([Path(sys.executable).name, *sys.argv]),
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         ceiling_tflops=matmul_ceiling(device, args.matmul_size),
         sustained=sustained_ceiling(device, args.matmul_size, args.sustain_s, dtype),
         copy_gbps=copy_bandwidth(device, args.copy_mib << 20, args.reps),
-        shapes=[measure_shape(s, args.budget, args, device, dtype) for s in args.shapes],
+        shapes=[measure_shape(s, step, args, device, dtype) for s in args.shapes],
     )
     print_report(report)
     if args.out:
