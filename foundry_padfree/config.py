@@ -62,11 +62,20 @@ class PadFreeLlamaConfig(LlamaConfig):
             raise ValueError(
                 f"attn_backend={self.attn_backend!r} is not a known backend; use one of {', '.join(ATTN_BACKENDS)}."
             )
-        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
-            raise ValueError(f"loss_chunk_size={self.loss_chunk_size!r} must be a positive int.")
+        for name in ("loss_chunk_size", "num_attention_heads", "num_key_value_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int.")
         for name in ("fused_kernels", "recompute_mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false.")
+        if self.attention_dropout != 0:
+            # None of the varlen kernels applies dropout to attention weights; training would
+            # silently run without it.
+            raise ValueError(
+                f"attention_dropout={self.attention_dropout!r} is not supported by the padding-free model; "
+                "set attention_dropout=0.0 (e.g. in config_overrides)."
+            )
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "

@@ -12,6 +12,8 @@ stock checkpoint.
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -407,6 +409,33 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         return BaseModelOutput(last_hidden_state=hidden_BSD)
 
 
+# HF arguments that `forward` accepts and that change nothing here: `cache_position` indexes a KV
+# cache, which this model does not keep; the flash-attention keywords of HF's flattening collator
+# describe the same documents as the `position_ids` that come with them.
+_NO_OP_HF_KWARGS = ("cache_position",)
+_FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _check_hf_kwargs(hf_kwargs: dict[str, Any], past_key_values: Any, packed: bool) -> None:
+    """Refuse every HF argument that would change the result and that the model does not implement,
+    instead of ignoring it: unset (None or False) is the only accepted value."""
+    if past_key_values is not None:
+        raise ValueError("past_key_values are not supported: the model recomputes the prefix (use_cache=False).")
+    ignored = _NO_OP_HF_KWARGS + (_FLASH_KWARGS if packed else ())
+    given = sorted(k for k, v in hf_kwargs.items() if k not in ignored and v is not None and v is not False)
+    if not given:
+        return
+    hints = {
+        "inputs_embeds": "pass input_ids",
+        "output_attentions": "varlen kernels never build attention weights",
+        "output_hidden_states": "model.model(...) returns the last hidden state",
+        **{k: "pass position_ids that restart at 0 per document (HF's DataCollatorWithFlattening does)"
+           for k in _FLASH_KWARGS},
+    }  # fmt: skip
+    details = "; ".join(f"{k}: {hints[k]}" if k in hints else k for k in given)
+    raise ValueError(f"PadFreeLlamaForCausalLM.forward does not support {', '.join(given)} ({details}).")
+
+
 @dataclass
 class PadFreeCausalLMOutput(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus the number of tokens the loss was taken over."""
@@ -453,8 +482,10 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         past_key_values: Any = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
-        **unsupported: Any,
-    ) -> PadFreeCausalLMOutput:
+        num_items_in_batch: int | Tensor | None = None,
+        logits_to_keep: int | Tensor = 0,
+        **hf_kwargs: Any,
+    ) -> PadFreeCausalLMOutput | tuple[Tensor, ...]:
         """Causal LM forward over `[B,S]` rows: HF padding, or packed documents.
 
         Args:
@@ -469,16 +500,25 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                 are never built.
             loss_reduction: `mean` over supervised tokens (HF's loss) or `sum`; the count is in
                 `num_loss_tokens` either way, for token-weighted gradient accumulation.
+            num_items_in_batch: HF `Trainer`'s count of supervised tokens over all the micro-batches
+                of a gradient accumulation step: the loss is then the sum over this micro-batch
+                divided by it, as HF's causal-LM loss computes it.
+            logits_to_keep: HF's: logits of the last `logits_to_keep` positions only (0: all), or
+                of the positions a 1-D tensor lists. Generation asks for the last one.
+            return_dict: False returns `to_tuple()` of the output, as HF models do.
         """
-        if unsupported.get("inputs_embeds") is not None or unsupported.get("output_attentions"):
-            raise ValueError("inputs_embeds and output_attentions are not supported; pass input_ids.")
-        if past_key_values is not None:
-            raise ValueError("past_key_values are not supported: the model recomputes the prefix (use_cache=False).")
+        _check_hf_kwargs(hf_kwargs, past_key_values, packed=position_ids is not None)
+        if num_items_in_batch is not None and loss_reduction != "mean":
+            raise ValueError(
+                f"num_items_in_batch={num_items_in_batch} with loss_reduction={loss_reduction!r}: the loss is "
+                "already divided by num_items_in_batch; use the default loss_reduction='mean'."
+            )
 
         with torch.no_grad():  # unpad once, before the embedding
             batch = unpad(
-                input_ids, attention_mask, sequence_id, position_ids, labels, self.config.max_position_embeddings
-            )
+                input_ids, attention_mask, sequence_id, position_ids, labels,
+                self.config.max_position_embeddings, self.config.vocab_size,
+            )  # fmt: skip
         x_TD = self.model.forward_tokens(batch.input_ids_T, batch.meta)
 
         loss = num_loss_tokens = None
@@ -489,20 +529,33 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                 self.lm_head.weight,
                 batch.targets_T[sup],
                 self.config.loss_chunk_size,
-                loss_reduction,
+                "sum" if num_items_in_batch is not None else loss_reduction,
                 compile_backend=self.loss_compile_backend,
                 fused=self.config.fused_kernels,
             )
+            if num_items_in_batch is not None:
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         if return_logits is None:
             return_logits = labels is None or not self.training
-        logits = batch.meta.pad(self.lm_head(x_TD)) if return_logits else None  # re-pad once: [B,S,V]
-        return PadFreeCausalLMOutput(loss=loss, logits=logits, num_loss_tokens=num_loss_tokens)
+        logits = self._logits(x_TD, batch.meta, logits_to_keep) if return_logits else None
+        out = PadFreeCausalLMOutput(loss=loss, logits=logits, num_loss_tokens=num_loss_tokens)
+        return out.to_tuple() if return_dict is False else out
+
+    def _logits(self, x_TD: Tensor, meta: VarlenMeta, logits_to_keep: int | Tensor) -> Tensor:
+        """`[B,S,V]` logits (zeros at padding), or those of the positions `logits_to_keep` selects."""
+        if isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            return meta.pad(self.lm_head(x_TD))  # re-pad once: [B,S,V]
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return self.lm_head(meta.pad(x_TD)[:, keep])
 
     def prepare_inputs_for_generation(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         # No KV cache: every step runs the whole (unpadded) prefix; positions follow attention_mask.
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "logits_to_keep" in kwargs:  # generation reads the last position only
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
 
     def _supports_default_dynamic_cache(self) -> bool:
         return False
@@ -522,12 +575,25 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
     def get_decoder(self) -> PadFreeLlamaModel:
         return self.model
 
-    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save a stock Llama checkpoint: HF weight names and a plain `LlamaConfig`, so
-        `transformers.LlamaForCausalLM.from_pretrained` (or `AutoModelForCausalLM`) loads it."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            self.config.to_llama_config().save_pretrained(save_directory)
+        `transformers.LlamaForCausalLM.from_pretrained` (or `AutoModelForCausalLM`) loads it.
+
+        Takes `PreTrainedModel.save_pretrained`'s arguments. With `push_to_hub=True` the upload
+        comes after the stock config is written (`push_to_hub` saves again through this method)."""
+        bound = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        bound.apply_defaults()
+        push = bound.arguments.get("push_to_hub", False)
+        if push:
+            bound.arguments["push_to_hub"] = False
+        super().save_pretrained(*bound.args[1:], **bound.kwargs)
+        if not bound.arguments.get("is_main_process", True):
+            return
+        self.config.to_llama_config().save_pretrained(save_directory)
+        if push:
+            hub_kwargs = dict(bound.arguments.get("kwargs", {}))
+            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            self.push_to_hub(repo_id, token=bound.arguments.get("token"), **hub_kwargs)
 
 
 def training_flops(config: PadFreeLlamaConfig, num_params: int, doc_lens: tuple[int, ...] | list[int]) -> int:

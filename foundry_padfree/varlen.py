@@ -28,7 +28,7 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 # Bits of the flags tensor copied to the host once per forward.
-_REAL, _NEW_DOC, _SEQ_ID_DECREASES, _POS_OUT_OF_RANGE, _SUPERVISED = (1 << i for i in range(5))
+_REAL, _NEW_DOC, _SEQ_ID_DECREASES, _POS_OUT_OF_RANGE, _SUPERVISED, _BAD_LABEL = (1 << i for i in range(6))
 
 
 class VarlenMeta(NamedTuple):
@@ -80,7 +80,10 @@ class Unpadded(NamedTuple):
     meta: VarlenMeta
     input_ids_T: Tensor  # (T,), int64
     targets_T: Tensor | None  # (T,), int64: the next token of the same document, or IGNORE_INDEX
-    supervised_T: Tensor | None  # (T_sup,), int64: indices into T of tokens with a target
+    # (T_sup,), int64: indices into T of the tokens the loss reads. Tokens with a target, except for
+    # a dense batch (no mask, no packing), where every token is listed: without a sync the number of
+    # targets is unknown, and the loss skips IGNORE_INDEX ones itself.
+    supervised_T: Tensor | None
 
 
 def unpad(
@@ -90,6 +93,7 @@ def unpad(
     position_ids: Tensor | None = None,
     labels: Tensor | None = None,
     max_positions: int | None = None,
+    vocab_size: int | None = None,
 ) -> Unpadded:
     """Gather the real tokens of a `[B,S]` batch and describe its documents.
 
@@ -102,6 +106,7 @@ def unpad(
             padding-free convention). Without them positions count from 0 in each document.
         labels: (B, S), integer, unshifted as in HF; IGNORE_INDEX where there is no target.
         max_positions: the largest allowed position + 1 (`max_position_embeddings`), or None.
+        vocab_size: labels of real tokens must be IGNORE_INDEX or in `[0, vocab_size)`; None: any.
 
     Raises:
         ValueError: for a batch that cannot be read without guessing, naming the value and the fix.
@@ -114,6 +119,8 @@ def unpad(
             "(convert with input_ids.long())."
         )
     B, S = input_ids.shape
+    if B == 0 or S == 0:
+        raise ValueError(f"input_ids has shape {(B, S)}: a batch needs at least one row of at least one token.")
     device = input_ids.device
     for name, t in (("attention_mask", attention_mask), ("sequence_id", sequence_id),
                     ("position_ids", position_ids), ("labels", labels)):  # fmt: skip
@@ -124,7 +131,7 @@ def unpad(
             )
 
     if attention_mask is None and sequence_id is None and position_ids is None:
-        return _unpad_dense(input_ids, labels, max_positions)
+        return _unpad_dense(input_ids, labels, max_positions, vocab_size)
 
     real_BS = torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask is not None:
@@ -146,10 +153,12 @@ def unpad(
         flags_BS |= bad_BS.to(torch.uint8) * _POS_OUT_OF_RANGE
     if labels is not None:
         flags_BS |= (labels != IGNORE_INDEX).to(torch.uint8) * _SUPERVISED
+        if vocab_size is not None:
+            flags_BS |= _bad_labels(labels, vocab_size).to(torch.uint8) * _BAD_LABEL
 
     flags = flags_BS.cpu().numpy()  # the one device-to-host sync of a forward
     real = (flags & _REAL).astype(bool)
-    _check_rows(real, flags, position_ids)
+    _check_rows(real, flags, position_ids, labels, vocab_size)
 
     indices = np.flatnonzero(real)
     T = len(indices)
@@ -198,7 +207,9 @@ def unpad(
     return Unpadded(meta, input_ids_T, targets_T, supervised_T)
 
 
-def _unpad_dense(input_ids: Tensor, labels: Tensor | None, max_positions: int | None) -> Unpadded:
+def _unpad_dense(
+    input_ids: Tensor, labels: Tensor | None, max_positions: int | None, vocab_size: int | None
+) -> Unpadded:
     """Every token is real and each row is one document: no sync, no gather."""
     B, S = input_ids.shape
     device = input_ids.device
@@ -206,6 +217,14 @@ def _unpad_dense(input_ids: Tensor, labels: Tensor | None, max_positions: int | 
         raise ValueError(
             f"rows of {S} tokens are longer than max_position_embeddings ({max_positions}); "
             "truncate them (max_seq_len) or pass position_ids/sequence_id for packed rows."
+        )
+    if labels is not None and vocab_size is not None:
+        # Checked on the device (raises at once on CPU; a device-side assert on CUDA), to keep this
+        # path free of syncs. A batch with an attention_mask gets the full error message instead.
+        torch._assert_async(
+            ~_bad_labels(labels, vocab_size).any(),
+            f"labels hold values outside [0, {vocab_size}) that are not IGNORE_INDEX ({IGNORE_INDEX}); "
+            f"mark tokens without a target with {IGNORE_INDEX}.",
         )
     cu_seqlens_N1 = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=device)
     meta = VarlenMeta(
@@ -241,7 +260,18 @@ def _shift_targets(labels: Tensor | None, meta: VarlenMeta, last_T: Tensor | Non
     return targets_T.masked_fill(last_T, IGNORE_INDEX)  # not an index_put: that would sync
 
 
-def _check_rows(real: np.ndarray, flags: np.ndarray, position_ids: Tensor | None) -> None:
+def _bad_labels(labels: Tensor, vocab_size: int) -> Tensor:
+    """(B, S) bool: labels that are neither IGNORE_INDEX nor a token id of the vocabulary."""
+    return (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+
+
+def _check_rows(
+    real: np.ndarray,
+    flags: np.ndarray,
+    position_ids: Tensor | None,
+    labels: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> None:
     S = real.shape[1]
     counts = real.sum(axis=1)
     empty = np.flatnonzero(counts == 0)
@@ -280,6 +310,14 @@ def _check_rows(real: np.ndarray, flags: np.ndarray, position_ids: Tensor | None
         raise ValueError(
             f"position_ids[{r}, {c}] = {value} is outside [0, max_position_embeddings); "
             "a document is longer than the position limit: truncate or split it (max_seq_len)."
+        )
+    bad_label = np.argwhere((flags & _BAD_LABEL).astype(bool) & real)
+    if len(bad_label):
+        r, c = (int(v) for v in bad_label[0])
+        value = int(labels[r, c])  # error path only
+        raise ValueError(
+            f"labels[{r}, {c}] = {value} is neither a token id in [0, vocab_size={vocab_size}) nor "
+            f"IGNORE_INDEX ({IGNORE_INDEX}); mark tokens without a target with {IGNORE_INDEX}."
         )
 
 

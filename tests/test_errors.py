@@ -87,3 +87,90 @@ def test_dynamic_rope_is_refused():
 
     with pytest.raises(ValueError, match=r"rope_scaling type 'dynamic' is not supported"):
         PadFreeLlamaForCausalLM(tiny_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+
+
+@pytest.mark.parametrize("bad", [-1, 97])
+@pytest.mark.parametrize("how", ["attention_mask", "position_ids"])
+def test_label_outside_the_vocabulary(model, bad, how):
+    ids = torch.randint(3, 97, (2, 5))
+    labels = ids.clone()
+    labels[1, 2] = bad
+    kwargs = {"attention_mask": torch.ones_like(ids), "position_ids": torch.arange(5).repeat(2, 1)}[how]
+    with pytest.raises(ValueError, match=rf"labels\[1, 2\] = {bad} is neither a token id in \[0, vocab_size=97\)"):
+        model(ids, labels=labels, **{how: kwargs})
+
+
+def test_label_outside_the_vocabulary_in_a_dense_batch(model):
+    # No mask, no packing: checked on the device without a sync (on CPU the check raises at once).
+    ids = torch.randint(3, 97, (2, 5))
+    labels = ids.clone()
+    labels[0, 4] = -5
+    with pytest.raises(RuntimeError, match=r"labels hold values outside \[0, 97\).*-100"):
+        model(ids, labels=labels)
+
+
+def test_label_outside_the_vocabulary_on_padding_is_not_read(model):
+    ids = torch.randint(3, 97, (1, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    labels = ids.masked_fill(mask == 0, -1)  # never read: padding
+    assert torch.isfinite(model(ids, attention_mask=mask, labels=labels).loss)
+
+
+@pytest.mark.parametrize("name", ["sequence_id", "position_ids", "attention_mask"])
+def test_per_token_tensor_shape_mismatch(model, name):
+    ids = torch.randint(3, 97, (2, 5))
+    with pytest.raises(ValueError, match=rf"{name} has shape \(2, 6\) but input_ids has \(2, 5\)"):
+        model(ids, **{name: torch.zeros(2, 6, dtype=torch.long)})
+
+
+def test_negative_position_ids(model):
+    ids = torch.randint(3, 97, (1, 4))
+    with pytest.raises(ValueError, match=r"position_ids\[0, 1\] = -1 is outside \[0, max_position_embeddings\)"):
+        model(ids, position_ids=torch.tensor([[0, -1, 0, 1]]))
+
+
+def test_empty_batch(model):
+    with pytest.raises(ValueError, match=r"input_ids has shape \(0, 5\): a batch needs at least one row"):
+        model(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids has shape \(2, 0\)"):
+        model(torch.zeros(2, 0, dtype=torch.long), attention_mask=torch.zeros(2, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"past_key_values": ()}, r"past_key_values are not supported"),
+        ({"inputs_embeds": torch.zeros(1, 4, 32)}, r"does not support inputs_embeds \(inputs_embeds: pass input_ids\)"),
+        ({"output_attentions": True}, r"does not support output_attentions"),
+        ({"output_hidden_states": True}, r"does not support output_hidden_states"),
+        ({"token_type_ids": torch.zeros(1, 4, dtype=torch.long)}, r"does not support token_type_ids"),
+        ({"cu_seq_lens_q": torch.tensor([0, 4], dtype=torch.int32)}, r"cu_seq_lens_q: pass position_ids"),
+    ],
+)
+def test_hf_arguments_the_model_does_not_implement_are_refused(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        model(torch.randint(3, 97, (1, 4)), **kwargs)
+
+
+def test_hf_arguments_that_change_nothing_are_accepted(model):
+    ids = torch.randint(3, 97, (1, 6))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    ref = model(ids, position_ids=positions).logits
+    flash = dict(cu_seq_lens_q=torch.tensor([0, 3, 6], dtype=torch.int32), max_length_q=3)
+    unset = dict(output_attentions=False, output_hidden_states=None, inputs_embeds=None, cache_position=torch.arange(6))
+    torch.testing.assert_close(model(ids, position_ids=positions, **flash, **unset).logits, ref)
+
+
+def test_num_items_in_batch_with_a_summed_loss_is_refused(model):
+    ids = torch.randint(3, 97, (1, 4))
+    with pytest.raises(ValueError, match=r"num_items_in_batch=3 with loss_reduction='sum'"):
+        model(ids, labels=ids, num_items_in_batch=3, loss_reduction="sum")
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match=r"attention_dropout=0.1 is not supported.*attention_dropout=0.0"):
+        tiny_config(attention_dropout=0.1)
+    with pytest.raises(ValueError, match=r"num_key_value_heads=0 must be a positive int"):
+        tiny_config(num_key_value_heads=0)
+    with pytest.raises(ValueError, match=r"loss_chunk_size=True must be a positive int"):
+        tiny_config(loss_chunk_size=True)

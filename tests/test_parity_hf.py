@@ -50,6 +50,15 @@ def test_padded_logits_and_loss_match_hf(kv_heads, side):
     torch.testing.assert_close(ours.logits[real], ref.logits[real], **TOL)
     torch.testing.assert_close(ours.loss, ref.loss, **TOL)
     assert ours.logits.shape == ref.logits.shape
+    ours.loss.backward()
+    ref.loss.backward()
+    assert_same_grads(model, hf)
+
+
+def assert_same_grads(model, hf) -> None:
+    ref_grads = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, **TOL, msg=name)
 
 
 def test_right_padding_without_position_ids_matches_hf():
@@ -72,15 +81,21 @@ def test_unpadded_batch_matches_hf_and_gradients_match():
     torch.testing.assert_close(ours.logits, ref.logits, **TOL)
     ours.loss.backward()
     ref.loss.backward()
-    ref_grads = dict(hf.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[name].grad, **TOL, msg=name)
+    assert_same_grads(model, hf)
 
 
-def test_llama3_rope_scaling_and_tied_embeddings_match_hf():
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}  # fmt: skip
-    model = tiny_model(rope_scaling=scaling, tie_word_embeddings=True, rope_theta=500000.0)
+ROPE_SCALINGS = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    # yarn's attention_scaling is not 1: the tables are scaled, which the others do not test.
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_SCALINGS))
+def test_rope_scaling_and_tied_embeddings_match_hf(rope):
+    model = tiny_model(rope_scaling=ROPE_SCALINGS[rope], tie_word_embeddings=True, rope_theta=500000.0)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     hf = hf_twin(model)
     ids, mask, labels, _ = padded_batch([40, 13], "right")
@@ -99,3 +114,74 @@ def test_greedy_generate_matches_hf():
     ref = hf.generate(ids, **kwargs)
     assert ours.shape == (3, 6 + 8)
     assert torch.equal(ours, ref)
+
+
+def test_head_dim_other_than_hidden_over_heads_matches_hf():
+    model = tiny_model(head_dim=16)  # hidden 32, 4 heads: q_proj is 32 -> 64
+    assert model.model.layers[0].self_attn.q_proj.out_features == 64
+    hf = hf_twin(model)
+    ids, mask, labels, _ = padded_batch([10, 6], "right")
+    ours = model(ids, attention_mask=mask, labels=labels)
+    ref = hf(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(ours.logits[mask.bool()], ref.logits[mask.bool()], **TOL)
+    torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+
+
+def test_decoder_hidden_states_match_hf_llama_model():
+    model = tiny_model()
+    hf = hf_twin(model)
+    ids, mask, _, _ = padded_batch([9, 4, 6], "right")
+    ours = model.model(ids, attention_mask=mask).last_hidden_state
+    ref = hf.model(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], **TOL)
+    assert (ours[~real] == 0).all()
+    assert torch.equal(model.model(ids, attention_mask=mask, return_dict=False)[0], ours)
+
+
+def test_decoder_on_packed_rows_equals_each_document_alone():
+    model = tiny_model()
+    lens = [5, 9, 3]
+    ids = torch.randint(3, 97, (1, sum(lens)))
+    seq_id = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None]
+    packed = model.model(ids, sequence_id=seq_id).last_hidden_state[0]
+    alone = torch.cat([model.model(doc).last_hidden_state[0] for doc in ids.split(lens, dim=1)])
+    torch.testing.assert_close(packed, alone, **TOL)
+
+
+def test_num_items_in_batch_matches_hf_gradient_accumulation():
+    # HF Trainer passes the supervised-token count of the whole accumulation step and sums
+    # each micro-batch's loss over it (it sees `**kwargs` in forward and stops dividing itself).
+    model = tiny_model()
+    hf = hf_twin(model)
+    ids, mask, labels, _ = padded_batch([9, 4, 6], "right")
+    for m in (model, hf):
+        m(ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(40)).loss.backward()
+    ours = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=40).loss
+    ref = hf(ids, attention_mask=mask, labels=labels, num_items_in_batch=40).loss
+    torch.testing.assert_close(ours, ref, **TOL)
+    n = int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(ours, model(ids, attention_mask=mask, labels=labels).loss * n / 40, **TOL)
+    assert_same_grads(model, hf)
+
+
+def test_tuple_outputs_and_logits_to_keep_match_hf():
+    model = tiny_model()
+    hf = hf_twin(model)
+    ids, mask, labels, _ = padded_batch([7, 7], "right")
+    ours = model(ids, attention_mask=mask, labels=labels, return_dict=False)
+    ref = hf(ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(ours, tuple)
+    torch.testing.assert_close(ours[0], ref[0], **TOL)  # loss
+    torch.testing.assert_close(ours[1], ref[1], **TOL)  # logits
+    for keep in (1, 3, torch.tensor([0, 4])):
+        ours = model(ids, attention_mask=mask, logits_to_keep=keep).logits
+        ref = hf(ids, attention_mask=mask, logits_to_keep=keep).logits
+        assert ours.shape == ref.shape
+        torch.testing.assert_close(ours, ref, **TOL)
+
+
+def test_generation_asks_for_the_last_logits_only():
+    model = tiny_model()
+    inputs = model.prepare_inputs_for_generation(torch.ones(2, 5, dtype=torch.long), logits_to_keep=1)
+    assert inputs["logits_to_keep"] == 1
