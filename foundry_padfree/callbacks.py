@@ -485,6 +485,7 @@ class PadFreeIsolation(Callback):
         self.interval = _interval(interval, "padfree_isolation")
         self.strict, self.atol, self.max_rows = strict, float(atol), _max_rows(max_rows, "padfree_isolation")
         self.summary: dict[str, float] = {"probes": 0}
+        self._warned_unpacked = False
 
     def init(self, state: State, logger: Logger) -> None:
         _check_model(state, "padfree_isolation")
@@ -521,6 +522,14 @@ class PadFreeIsolation(Callback):
                             f"moved other documents' logits by up to {other_diff:.3g} > atol {self.atol}")  # fmt: skip
         if target_diff == 0.0:
             problems.append("the perturbed document's own logits did not change: the probe tested nothing")
+        if same_row == 0 and not self._warned_unpacked:
+            # Not a failure (nothing was packed, so nothing could leak within a row), but the probe
+            # then says nothing about the packed case it exists for.
+            log.warning(
+                "padfree_isolation: no row of the probed batch holds two documents, so only documents of "
+                "other rows were compared; isolation within a packed row was not tested at this probe."
+            )
+            self._warned_unpacked = True
         self.summary["probes"] += 1
         metrics = {
             "padfree/isolation/passed": float(not problems),

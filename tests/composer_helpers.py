@@ -72,12 +72,19 @@ def train_loader(batch_size: int = 4, rows: list[list[int]] = ROWS) -> DataSpec:
     return DataSpec(loader, get_num_tokens_in_batch=get_tokens_per_batch_func())
 
 
-def fit(model: ComposerPadFreeCausalLM, callbacks: list, batches: int = 2, microbatch: int = 2, **kwargs) -> Trainer:
-    """Train `batches` steps of 4 rows with an in-memory logger; returns the trainer."""
+def fit(
+    model: ComposerPadFreeCausalLM,
+    callbacks: list,
+    batches: int = 2,
+    microbatch: int = 2,
+    rows: list[list[int]] = ROWS,
+    **kwargs,
+) -> Trainer:
+    """Train `batches` steps of 4 of `rows` (document lengths per row) with an in-memory logger."""
     torch.manual_seed(0)
     trainer = Trainer(
         model=model,
-        train_dataloader=train_loader(),
+        train_dataloader=train_loader(rows=rows),
         max_duration=f"{batches}ba",
         optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
         device_train_microbatch_size=microbatch,

@@ -61,6 +61,17 @@ def test_all_pass_on_padfree_training_with_microbatches(model_dir):
     assert logged(trainer, "padfree/parity/documents") == [7.0, 5.0]  # rows 3+0, then rows 6+4
 
 
+def test_isolation_says_when_no_row_was_packed(model_dir, caplog):
+    # One document per row: isolation passes (documents of other rows are compared) but the probe
+    # could not test the packed case, and says so once.
+    with caplog.at_level("WARNING", logger="foundry_padfree.callbacks"):
+        probe = PadFreeIsolation(interval=1, strict=True)
+        trainer = fit(composer_model(model_dir), [probe], rows=[[14], [12], [9], [16]] * 2)
+    assert logged(trainer, "padfree/isolation/same_row_documents_compared") == [0.0, 0.0]
+    assert logged(trainer, "padfree/isolation/documents_compared") == [1.0, 1.0]
+    assert sum("no row of the probed batch holds two documents" in r.message for r in caplog.records) == 1
+
+
 def test_probes_run_on_the_training_device(model_dir, monkeypatch):
     # At BATCH_END Composer's state.batch can still be on the host; the wrapped model would move its
     # inputs itself, the stock HF reference of padfree_parity would not. Probes go through the

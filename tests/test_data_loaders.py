@@ -295,6 +295,11 @@ def test_bad_input_gives_clear_errors(data_dir, tmp_path):
         ({"dataset": {**cfg["dataset"], "decoder_only_format": False}}, "decoder_only_format = False"),
         ({"packing_mode": "greedy"}, "packing_mode = 'greedy'"),
         ({"max_tokens_per_row": 64}, "max_tokens_per_row = 64 is below dataset.max_seq_len = 128"),
+        ({"dataset": {**cfg["dataset"], "epoch_size": 1000}}, "epoch_size = 1000 is not supported"),
+        (
+            {"dataset": {**cfg["dataset"], "streams": {"a": {"remote": "x", "repeat": 3, "proportion": 0.5}}}},
+            r"dataset.streams.a sets proportion, repeat: stream mixing is not supported",
+        ),
     ]
     for change, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -109,6 +109,34 @@ def test_sampler_plan_property(lengths, mode, dbs, world, shuffle, epoch):
     assert len(samplers[0]) == len(_sampler(lengths, mode, dbs, world=world, shuffle=shuffle))  # same every epoch
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 64), min_size=1, max_size=60),
+    mode=st.sampled_from(["budget", "flatten"]),
+    dbs=st.integers(1, 4),
+    world=st.integers(2, 5),
+    epoch=st.integers(0, 3),
+)
+def test_composer_eval_counts_every_example_once(lengths, mode, dbs, world, epoch):
+    """Composer's eval loop (composer/trainer/trainer.py, `Trainer._eval_loop`) takes
+    `total_size - len(dataset)` as the number of padded samples: at the last batch, each rank with
+    `rank >= world - padding` leaves its last sample out of the metrics (the whole microbatch when
+    it holds one sample). Replayed here on the plan: every example must be scored exactly once."""
+    samplers = [_sampler(lengths, mode, dbs, world=world, rank=r) for r in range(world)]
+    for sampler in samplers:
+        sampler.set_epoch(epoch)
+    padding = samplers[0].total_size - len(samplers[0].dataset)
+    assert padding == samplers[0].plan(epoch).repeated
+    scored = collections.Counter()
+    for rank, sampler in enumerate(samplers):
+        batches = [[i for i, _ in keys] for keys in sampler]
+        if rank >= world - padding:
+            assert len(batches[-1]) == 1, "a repeat must be alone in its batch, or Composer would cut rows"
+            batches[-1] = []
+        scored.update(i for batch in batches for i in batch)
+    assert scored == collections.Counter(range(len(lengths)))
+
+
 def test_flatten_keeps_examples_per_step_of_the_unpacked_loader():
     lengths = [10, 50, 30, 30, 5, 60, 20, 40, 1]
     sampler = _sampler(lengths, "flatten", dbs=4, shuffle=False)

@@ -33,7 +33,8 @@ here, naming its index.
 
 The streaming dataset is read map-style (`dataset[i]`, our seeded order) because packing needs
 each example's length before batching; this reads every sample once at build time to learn the
-lengths, and StreamingDataset's own shuffling options do not apply.
+lengths, and StreamingDataset's own shuffling options do not apply. An epoch is every sample of
+every stream once: `epoch_size` and the streams' `repeat`, `proportion` and `choose` are refused.
 """
 
 from __future__ import annotations
@@ -296,6 +297,21 @@ def _validate(
             f"dataset has unknown key(s) {bad} for padfree_finetuning; allowed: "
             f"{', '.join(sorted(_FINETUNING_DATASET_KEYS))}."
         )
+    # The stream is read map-style, each sample once per epoch (see the module docstring), so the
+    # options that make StreamingDataset sample some streams more or less often have no effect.
+    if dataset_cfg.get("epoch_size") is not None:
+        raise ValueError(
+            f"dataset.epoch_size = {dataset_cfg['epoch_size']!r} is not supported by padfree_finetuning, which "
+            "reads every sample of the streams once per epoch: remove it (set the run's length with max_duration)."
+        )
+    for name, stream in (dataset_cfg.get("streams") or {}).items():
+        mixing = sorted(k for k in ("repeat", "proportion", "choose") if (stream or {}).get(k) is not None)
+        if mixing:
+            raise ValueError(
+                f"dataset.streams.{name} sets {', '.join(mixing)}: stream mixing is not supported by "
+                "padfree_finetuning, which reads every sample of every stream once per epoch. Remove it, or mix "
+                "the data beforehand."
+            )
     if dataset_cfg.get("decoder_only_format") is not True:
         raise ValueError(
             f"dataset.decoder_only_format = {dataset_cfg.get('decoder_only_format')!r}; padding-free packing is "

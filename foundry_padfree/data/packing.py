@@ -14,9 +14,10 @@ Two modes (`packing_mode`):
   changes the number of optimizer steps per epoch** (fewer steps than the unpacked loader, each
   with more examples): set the schedule and `max_duration` in tokens or epochs, not batches.
 - `flatten` keeps the examples per step of the unpacked loader (as HF's
-  `DataCollatorWithFlattening`): every step gets `device_batch_size` examples per device, the same
-  examples in the same order the unpacked loader would see for that shuffle, packed into as few
-  rows as they need. The number of optimizer steps is unchanged; the number of rows per step
+  `DataCollatorWithFlattening`): every step gets `device_batch_size` examples per device (the
+  same examples in the same order as the unpacked loader when `shuffle` is off; shuffled, the
+  order comes from this module's own seeded permutation, not torch's), packed into as few rows as
+  they need. The number of optimizer steps is unchanged; the number of rows per step
   varies (which is fine for DDP; under FSDP keep `device_train_microbatch_size` at least the
   number of rows, as microbatch counts then differ between ranks).
 
@@ -235,6 +236,21 @@ class PackedBatchSampler(DistributedSampler):
                 shares.append([[share[p] for p in row] for row in rows])
             batches.append(shares)
         return EpochPlan(batches, repeated)
+
+    @property
+    def total_size(self) -> int:
+        """Examples this epoch's plan hands out over all ranks: the dataset plus `EpochPlan.repeated`.
+
+        Composer's eval loop reads `total_size - len(dataset)` as the number of repeated examples,
+        one on each of the last ranks at the last batch (where `DistributedSampler` puts its
+        padding, and where the plan puts its repeats), and leaves those out of the metrics. The
+        padding `DistributedSampler` itself would add has nothing to do with the plan.
+        """
+        return len(self.lengths) + self.plan(self.epoch).repeated
+
+    @total_size.setter
+    def total_size(self, value: int) -> None:
+        pass  # `DistributedSampler.__init__` assigns its own padded size; the plan decides instead
 
     def __len__(self) -> int:
         """Steps per epoch: the same every epoch (Composer reads it once)."""
