@@ -123,13 +123,22 @@ def test_training_forward_builds_padded_logits_only_when_needed(model_dir, optio
         assert out.logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
 
 
-def test_eval_metric_equals_the_training_loss_on_packed_rows(model_dir):
+@pytest.mark.parametrize("documents_by", ["sequence_id", "position_ids"])
+def test_eval_metric_equals_the_training_loss_on_packed_rows(model_dir, documents_by):
     # Composer shifts labels along the row for metrics; ours must not score across documents.
     # LLM-Foundry's own collators keep the label at document starts: the shift would score the
-    # last token of each document on the next document's first token.
+    # last token of each document on the next document's first token. HF's padding-free layout
+    # marks documents by position_ids alone.
     model = composer_model(model_dir).eval()
     batch = packed_batch()
     batch["labels"] = batch["input_ids"].masked_fill(batch["sequence_id"] < 0, -100)
+    if documents_by == "position_ids":
+        seq_id = batch.pop("sequence_id")
+        starts = torch.ones_like(seq_id, dtype=torch.bool)
+        starts[:, 1:] = seq_id[:, 1:] != seq_id[:, :-1]
+        col = torch.arange(seq_id.shape[1]).expand_as(seq_id)
+        # position = column - column of the document's first token (a running max of start columns)
+        batch["position_ids"] = col - torch.cummax(torch.where(starts, col, 0), dim=1).values
     labels = batch["labels"].clone()
     with torch.no_grad():
         loss = model(batch).loss
