@@ -247,12 +247,14 @@ def train_yaml(
     return path
 
 
-def launch(nprocs: int, yaml: Path, overrides: list[str], log_path: Path, timeout: float = 600) -> float:
-    """`composer -n nprocs scripts/train.py yaml overrides`; returns wall seconds. Raises with the
-    log's tail if it fails."""
+def launch(
+    nprocs: int, yaml: Path, overrides: list[str], log_path: Path, timeout: float = 600, script: Path = TRAIN_SCRIPT
+) -> float:
+    """`composer -n nprocs scripts/train.py yaml overrides` (or another `script` with those
+    arguments); returns wall seconds. Raises with the log's tail if it fails."""
     rank_log = str(log_path.parent / f"{log_path.stem}.rank{{rank}}.log")  # non-zero ranks' output
     command = [sys.executable, "-m", "composer.cli.launcher", "-n", str(nprocs), "--stdout", rank_log,
-               "--stderr", rank_log, str(TRAIN_SCRIPT), str(yaml), *overrides]  # fmt: skip
+               "--stderr", rank_log, str(script), str(yaml), *overrides]  # fmt: skip
     env = {**os.environ, **DIST_ENV, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     # The project importable from this checkout in every rank, installed or not.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)

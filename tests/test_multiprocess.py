@@ -3,8 +3,8 @@
 Each run is `python -m composer.cli.launcher -n N scripts/train.py <yaml>`, with the `step_record`
 logger of `scripts/multigpu_check.py` loaded through `code_paths`: every rank writes, per step,
 the logged train loss (Composer all-reduces it and divides by the world size), the hashes of its
-batch's rows and its token counts. Three 2-process launches (about a minute each on 2 cores) and
-two 1-process runs in the test's own process:
+batch's rows and its token counts. Four 2-process launches (about a minute each on 2 cores) and
+three 1-process runs in the test's own process:
 
 - `padfree_text`, 1 vs 2 processes: the same rows per step, split between ranks; equal losses.
 - `padfree_finetuning` in `budget` mode, 1 vs 2 processes with `accumulate_train_batch_on_tokens`:
@@ -12,6 +12,8 @@ two 1-process runs in the test's own process:
   microbatches are weighted by tokens summed over all ranks.
 - the 2-process finetuning run saves at batch 2; a third run loads it (with the packing plan's
   dataloader state) and its batches 3-4 equal the uninterrupted run's.
+- Composer's eval of `padfree_finetuning` loaders on 2 processes (`tests/eval_ranks.py`) scores
+  the same target tokens, with the same loss, as on one.
 """
 
 from __future__ import annotations
@@ -165,3 +167,26 @@ def test_checkpoint_resume_two_processes(finetuning_runs):
     for rank in (0, 1):
         assert [s["row_sha1"] for s in resumed[rank]] == [s["row_sha1"] for s in two[rank][2:]]
     assert _losses(resumed) == pytest.approx(_losses(two)[2:], rel=1e-6)
+
+
+def test_eval_on_two_ranks_scores_every_example_once(tmp_path):
+    """Composer's eval loop leaves `total_size - len(dataset)` repeated samples out of the metrics
+    on the last ranks; on two ranks it must score exactly the 1-process targets. Seven examples
+    in steps of 2 per rank need no repeat (a plain DistributedSampler would count one); five
+    leave one example for two ranks, so the plan repeats one."""
+    import json
+
+    from tests import eval_ranks
+    from tests.composer_helpers import write_model_dir
+
+    for name, n in (("seven", 7), ("five", 5)):
+        rows = prompt_response_rows(n, seed=3, max_lines=2)
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"prompt": r["q"], "response": r["a"]}) + "\n" for r in rows))  # fmt: skip
+    write_model_dir(tmp_path / "model", vocab_size=512)
+    check.launch(2, tmp_path, [], tmp_path / "eval2.log", script=REPO / "tests" / "eval_ranks.py")
+    eval_ranks.main(tmp_path)  # one process, in this one
+    one, two = (json.loads((tmp_path / f"eval_{n}.json").read_text()) for n in (1, 2))
+    for name in ("seven", "five"):
+        assert two[name]["scored_targets"] == one[name]["scored_targets"] > 0, (name, one, two)
+        assert two[name]["loss"] == pytest.approx(one[name]["loss"], rel=1e-5), name

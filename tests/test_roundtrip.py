@@ -47,3 +47,25 @@ def test_auto_classes_know_the_padfree_config(tmp_path):
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config)
     assert isinstance(model, PadFreeLlamaForCausalLM)
+
+
+def test_save_pretrained_arguments_as_hf_takes_them(tmp_path, monkeypatch):
+    config = PadFreeLlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        attn_backend="sdpa",
+    )  # fmt: skip
+    model = PadFreeLlamaForCausalLM(config)
+    # is_main_process given positionally (HF's second parameter): no config from a non-main rank.
+    model.save_pretrained(tmp_path / "rank1", False)
+    assert not (tmp_path / "rank1" / "config.json").exists()
+    # push_to_hub uploads what a stock loader reads: it comes after the stock config is written
+    # (`PreTrainedModel.push_to_hub` saves again through our save_pretrained, into its own folder).
+    pushed = []
+
+    def push_to_hub(self, repo_id, **kwargs):
+        saved = json.loads((tmp_path / "my-model" / "config.json").read_text())
+        pushed.append((repo_id, kwargs, saved["model_type"]))
+
+    monkeypatch.setattr(PadFreeLlamaForCausalLM, "push_to_hub", push_to_hub)
+    model.save_pretrained(tmp_path / "my-model", push_to_hub=True, commit_message="first")
+    assert pushed == [("my-model", {"token": None, "commit_message": "first"}, "llama")]
