@@ -185,3 +185,33 @@ def test_generation_asks_for_the_last_logits_only():
     model = tiny_model()
     inputs = model.prepare_inputs_for_generation(torch.ones(2, 5, dtype=torch.long), logits_to_keep=1)
     assert inputs["logits_to_keep"] == 1
+
+
+def test_autocast_bf16_error_is_at_most_twice_hfs():
+    # Composer's amp_bf16: fp32 weights under CPU/GPU autocast. Our bf16 error against the fp32
+    # result must stay within twice stock HF's own bf16 error (flash-attn's rule for its kernels).
+    model = tiny_model(hidden_size=64, intermediate_size=128, num_hidden_layers=3)
+    hf, hf_fp32 = hf_twin(model), hf_twin(model)
+    ids, mask, labels, _ = padded_batch([30, 17, 24], "right")
+    ref = hf_fp32(ids, attention_mask=mask, labels=labels)
+    ref.loss.backward()
+    results = []
+    for m in (model, hf):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(m(ids, attention_mask=mask, labels=labels))
+        results[-1].loss.backward()
+    ours, theirs = results
+    ref_grads, hf_grads = dict(hf_fp32.named_parameters()), dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        our_err = (p.grad - ref_grads[name].grad).abs().max().item()
+        hf_err = (hf_grads[name].grad - ref_grads[name].grad).abs().max().item()
+        assert our_err <= 2 * hf_err, f"{name}.grad: our bf16 error {our_err:.3g} > 2x HF's {hf_err:.3g}"
+    real = mask.bool()
+    our_err = (ours.logits[real].float() - ref.logits[real]).abs().max().item()
+    hf_err = (theirs.logits[real].float() - ref.logits[real]).abs().max().item()
+    assert hf_err > 0, "HF under autocast equals fp32: the test would check nothing"
+    assert our_err <= 2 * hf_err, f"logits: our bf16 error {our_err:.3g} > 2x HF's {hf_err:.3g}"
+    # The mean loss averages rounding errors away (both are ~1e-4 here, either may be the smaller):
+    # bounded relative to the loss instead, 5x above what either shows over seeds.
+    torch.testing.assert_close(ours.loss.float(), ref.loss, rtol=1e-3, atol=0)
+    torch.testing.assert_close(theirs.loss.float(), ref.loss, rtol=1e-3, atol=0)
