@@ -13,14 +13,40 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
+def _load_bench():
     spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    bench.main(["--quick", "--out", str(out)])
+    _load_bench().main(["--quick", "--out", str(out)])
     return json.loads(out.read_text())
+
+
+def test_warm_up_meets_the_largest_timed_shape_first():
+    import torch
+
+    bench = _load_bench()
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, input_ids):
+            seen.append(tuple(input_ids.shape))
+            return type("Out", (), {"loss": self.w.sum()})()
+
+    shapes = [(2, 3), (3, 4), (2, 5), (5, 6), (1, 2)]  # warm-up: the first 2; the largest is timed
+    batches = [{"input_ids": torch.zeros(s, dtype=torch.long)} for s in shapes]
+    result = bench.train(Recorder(), batches, [1] * len(shapes), 2, torch.device("cpu"))
+    assert seen == [(2, 3), (3, 4), (5, 6), (2, 5), (5, 6), (1, 2)]
+    assert result["timed_steps"] == len(result["step_ms"]) == 3
 
 
 def test_every_system_ran(report):
