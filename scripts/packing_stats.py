@@ -8,11 +8,12 @@ same over the batch tensors actually built (columns are trimmed to the longest r
 row and examples per step.
 
     # prompt/response JSONL; the tokenizer is trained on the data itself (offline, no download)
-    python scripts/packing_stats.py --data ../shared/data/alpaca_eval_outputs.jsonl \
+    python scripts/packing_stats.py --data alpaca_eval_outputs.jsonl \
         --prompt-key instruction --response-key output --max-seq-len 2048
 
-    # the train_loader of a run YAML, with the run's tokenizer saved in a local directory
-    python scripts/packing_stats.py --config yamls/sft.yaml --tokenizer ./my-tokenizer
+    # the train_loader of a run YAML whose variables are filled in (e.g. a copy of
+    # yamls/sft_llama3_1b.yaml), with the run's tokenizer saved in a local directory
+    python scripts/packing_stats.py --config my-sft.yaml --tokenizer ./my-tokenizer
 """
 
 from __future__ import annotations
