@@ -274,22 +274,22 @@ def _check_rows(
 ) -> None:
     S = real.shape[1]
     counts = real.sum(axis=1)
-    empty = np.flatnonzero(counts == 0)
-    if len(empty):
+    if not counts.any():
         raise ValueError(
-            f"row {int(empty[0])} of the batch has no real tokens (attention_mask/sequence_id all "
-            "padding); drop empty rows before the forward."
+            "no row of the batch has a real token (attention_mask/sequence_id all padding); there is nothing to run."
         )
+    # A row of padding only (HF accepts one) holds no document; its outputs stay padding.
+    used = counts > 0
     first = real.argmax(axis=1)
     last = S - 1 - real[:, ::-1].argmax(axis=1)
-    holes = np.flatnonzero(last - first + 1 != counts)
+    holes = np.flatnonzero((last - first + 1 != counts) & used)
     if len(holes):
         r = int(holes[0])
         raise ValueError(
             f"row {r} has padding between real tokens (attention_mask {real[r].astype(int).tolist()}); "
             "padding must sit at one end of each row."
         )
-    left, right = first > 0, last < S - 1
+    left, right = (first > 0) & used, (last < S - 1) & used
     if left.any() and right.any():
         raise ValueError(
             f"mixed left/right padding: row {int(np.flatnonzero(left)[0])} is left-padded and row "

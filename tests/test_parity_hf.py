@@ -215,3 +215,17 @@ def test_autocast_bf16_error_is_at_most_twice_hfs():
     # bounded relative to the loss instead, 5x above what either shows over seeds.
     torch.testing.assert_close(ours.loss.float(), ref.loss, rtol=1e-3, atol=0)
     torch.testing.assert_close(theirs.loss.float(), ref.loss, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_row_of_padding_only_is_accepted_as_hf_does(side):
+    model = tiny_model()
+    hf = hf_twin(model)
+    ids, mask, labels, _ = padded_batch([7, 5, 6], side)
+    mask[1], labels[1] = 0, -100  # row 1: padding only
+    ours = model(ids, attention_mask=mask, labels=labels)
+    ref = hf(ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    torch.testing.assert_close(ours.logits[real], ref.logits[real], **TOL)
+    torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+    assert (ours.logits[1] == 0).all()
