@@ -67,6 +67,14 @@ def _sampler(lengths, mode="budget", dbs=2, capacity=64, buffer_size=16, shuffle
     )
 
 
+def _rank_samplers(lengths, mode, dbs, world, epoch, shuffle=True) -> list[PackedBatchSampler]:
+    """One sampler per rank of `world`, all set to `epoch`."""
+    samplers = [_sampler(lengths, mode, dbs, world=world, rank=r, shuffle=shuffle) for r in range(world)]
+    for sampler in samplers:
+        sampler.set_epoch(epoch)
+    return samplers
+
+
 def _check_plan(plan: EpochPlan, sampler: PackedBatchSampler, lengths: list[int]) -> None:
     world, dbs = sampler.num_replicas, sampler.device_batch_size
     assert len(plan.batches) == len(sampler)
@@ -94,9 +102,7 @@ def _check_plan(plan: EpochPlan, sampler: PackedBatchSampler, lengths: list[int]
     epoch=st.integers(0, 3),
 )
 def test_sampler_plan_property(lengths, mode, dbs, world, shuffle, epoch):
-    samplers = [_sampler(lengths, mode, dbs, world=world, rank=r, shuffle=shuffle) for r in range(world)]
-    for sampler in samplers:
-        sampler.set_epoch(epoch)
+    samplers = _rank_samplers(lengths, mode, dbs, world, epoch, shuffle)
     plan = samplers[0].plan(epoch)
     _check_plan(plan, samplers[0], lengths)
     assert plan.repeated < world  # only to give every rank a row at the last step
@@ -122,9 +128,7 @@ def test_composer_eval_counts_every_example_once(lengths, mode, dbs, world, epoc
     `total_size - len(dataset)` as the number of padded samples: at the last batch, each rank with
     `rank >= world - padding` leaves its last sample out of the metrics (the whole microbatch when
     it holds one sample). Replayed here on the plan: every example must be scored exactly once."""
-    samplers = [_sampler(lengths, mode, dbs, world=world, rank=r) for r in range(world)]
-    for sampler in samplers:
-        sampler.set_epoch(epoch)
+    samplers = _rank_samplers(lengths, mode, dbs, world, epoch)
     padding = samplers[0].total_size - len(samplers[0].dataset)
     assert padding == samplers[0].plan(epoch).repeated
     scored = collections.Counter()

@@ -61,15 +61,18 @@ def assert_same_grads(model, hf) -> None:
         torch.testing.assert_close(p.grad, ref_grads[name].grad, **TOL, msg=name)
 
 
-def test_right_padding_without_position_ids_matches_hf():
-    # Right padding: HF's default positions arange(S) are the per-document ones.
-    model = tiny_model()
-    hf = hf_twin(model)
-    ids, mask, labels, _ = padded_batch([9, 5, 2], "right")
+def assert_matches_hf(model, ids, mask, labels):
+    """Our logits on real tokens and loss equal stock HF's (same weights) on a padded batch."""
     ours = model(ids, attention_mask=mask, labels=labels)
-    ref = hf(ids, attention_mask=mask, labels=labels)
+    ref = hf_twin(model)(ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(ours.logits[mask.bool()], ref.logits[mask.bool()], **TOL)
     torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+    return ours
+
+
+def test_right_padding_without_position_ids_matches_hf():
+    # Right padding: HF's default positions arange(S) are the per-document ones.
+    assert_matches_hf(tiny_model(), *padded_batch([9, 5, 2], "right")[:3])
 
 
 def test_unpadded_batch_matches_hf_and_gradients_match():
@@ -97,12 +100,7 @@ ROPE_SCALINGS = {
 def test_rope_scaling_and_tied_embeddings_match_hf(rope):
     model = tiny_model(rope_scaling=ROPE_SCALINGS[rope], tie_word_embeddings=True, rope_theta=500000.0)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    hf = hf_twin(model)
-    ids, mask, labels, _ = padded_batch([40, 13], "right")
-    ours = model(ids, attention_mask=mask, labels=labels)
-    ref = hf(ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(ours.logits[mask.bool()], ref.logits[mask.bool()], **TOL)
-    torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+    assert_matches_hf(model, *padded_batch([40, 13], "right")[:3])
 
 
 def test_greedy_generate_matches_hf():
@@ -119,12 +117,7 @@ def test_greedy_generate_matches_hf():
 def test_head_dim_other_than_hidden_over_heads_matches_hf():
     model = tiny_model(head_dim=16)  # hidden 32, 4 heads: q_proj is 32 -> 64
     assert model.model.layers[0].self_attn.q_proj.out_features == 64
-    hf = hf_twin(model)
-    ids, mask, labels, _ = padded_batch([10, 6], "right")
-    ours = model(ids, attention_mask=mask, labels=labels)
-    ref = hf(ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(ours.logits[mask.bool()], ref.logits[mask.bool()], **TOL)
-    torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+    assert_matches_hf(model, *padded_batch([10, 6], "right")[:3])
 
 
 def test_decoder_hidden_states_match_hf_llama_model():
@@ -219,13 +212,7 @@ def test_autocast_bf16_error_is_at_most_twice_hfs():
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_row_of_padding_only_is_accepted_as_hf_does(side):
-    model = tiny_model()
-    hf = hf_twin(model)
     ids, mask, labels, _ = padded_batch([7, 5, 6], side)
     mask[1], labels[1] = 0, -100  # row 1: padding only
-    ours = model(ids, attention_mask=mask, labels=labels)
-    ref = hf(ids, attention_mask=mask, labels=labels)
-    real = mask.bool()
-    torch.testing.assert_close(ours.logits[real], ref.logits[real], **TOL)
-    torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+    ours = assert_matches_hf(tiny_model(), ids, mask, labels)
     assert (ours.logits[1] == 0).all()
