@@ -39,6 +39,9 @@ class Backend(NamedTuple):
     name: str
     attend: Callable[[Tensor, Tensor, Tensor, VarlenMeta, float], Tensor]
     prepare: Callable[[VarlenMeta], VarlenMeta] = lambda meta: meta
+    # `attend` from `meta.attn_extra` alone (q, k, v, attn_extra, scale), for backends whose
+    # prepared metadata is all tensors: torch.compile traces it inside a layer's graph.
+    traceable: Callable[[Tensor, Tensor, Tensor, object, float], Tensor] | None = None
 
 
 def _repeat_kv(x_TKH: Tensor, groups: int) -> Tensor:
@@ -156,7 +159,7 @@ def _eager_flex():
 
 
 BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", _triton_attend, _triton_prepare),
+    "triton": Backend("triton", _triton_attend, _triton_prepare, triton_attention.varlen_attention),
     "flash_attn": Backend("flash_attn", _flash_attn_attend),
     "torch_varlen": Backend("torch_varlen", _torch_varlen_attend),
     "flex": Backend("flex", _flex_attend, _flex_prepare),

@@ -260,7 +260,9 @@ class PadFreeDecoderLayer(nn.Module):
     (`backend.attend`, which alone reads the host-side metadata), and `attention_output_and_mlp`
     (output projection, residual, norm, MLP, residual). Only tensors cross the two dense calls, so
     `compile_regions` can hand them to `torch.compile` with the token dimension dynamic: one graph
-    per region serves every layer and every batch, with no guard on the documents' layout.
+    per region serves every layer and every batch, with no guard on the documents' layout. A
+    backend whose attention is `traceable` from tensors alone compiles as one call instead
+    (`PadFreeLlamaModel.compile_layers`).
     """
 
     def __init__(self, config: PadFreeLlamaConfig, layer_idx: int):
@@ -273,6 +275,9 @@ class PadFreeDecoderLayer(nn.Module):
 
     def forward(self, x_TD: Tensor, meta: VarlenMeta, rope: tuple[Tensor, Tensor], backend: Backend) -> Tensor:
         attention_inputs, attention_output_and_mlp = _attention_inputs, _attention_output_and_mlp
+        if self.compile_backend is not None and backend.traceable is not None:  # one graph, attention inside
+            _mark_dynamic(x_TD, *rope, meta.attn_extra)
+            return _compiled_layer(self.compile_backend)(self, x_TD, *rope, meta.attn_extra, backend.traceable)
         if self.compile_backend is not None:
             attention_inputs, attention_output_and_mlp = _compiled_regions(self.compile_backend)
             for t in (x_TD, *rope):
@@ -307,6 +312,38 @@ def _attention_inputs(layer: PadFreeDecoderLayer, x_TD: Tensor, cos_TH: Tensor, 
 def _attention_output_and_mlp(layer: PadFreeDecoderLayer, x_TD: Tensor, o_TNH: Tensor) -> Tensor:
     x_TD = x_TD + layer.self_attn.o_proj(o_TNH.flatten(1))
     return x_TD + layer.mlp(layer.post_attention_layernorm(x_TD))
+
+
+def _mark_dynamic(*values: Any) -> None:
+    """Trace dim 0 of these tensors (and of the tensors of these tuples: a backend's prepared
+    metadata) as symbolic: T and the tile counts change every batch, one graph serves them all."""
+    for v in values:
+        for t in v if isinstance(v, tuple) else (v,):
+            if isinstance(t, Tensor):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def _layer(layer: PadFreeDecoderLayer, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor, attn_extra, attend) -> Tensor:
+    """The whole block for a backend whose `traceable` attention takes only `meta.attn_extra`."""
+    q_TNH, k_TKH, v_TKH = _autocast_dtype(*_attention_inputs(layer, x_TD, cos_TH, sin_TH))
+    o_TNH = attend(q_TNH, k_TKH, v_TKH, attn_extra, layer.self_attn.scaling)
+    return _attention_output_and_mlp(layer, x_TD, o_TNH)
+
+
+def _stack(layers: nn.ModuleList, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor, attn_extra, attend) -> Tensor:
+    for layer in layers:
+        x_TD = _layer(layer, x_TD, cos_TH, sin_TH, attn_extra, attend)
+    return x_TD
+
+
+@functools.cache
+def _compiled_layer(backend: str) -> Callable:
+    return torch.compile(_layer, backend=backend)
+
+
+@functools.cache
+def _compiled_stack(backend: str) -> Callable:
+    return torch.compile(_stack, backend=backend)
 
 
 @functools.cache
@@ -350,6 +387,7 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         self.norm = PadFreeRMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
         self.rotary_emb = PadFreeRotary(config)
         self.gradient_checkpointing = False
+        self.compile_backend: str | None = None  # set by compile_layers; None runs eagerly
         self._backends: dict[tuple[str, str], Backend] = {}
         self.post_init()
 
@@ -361,13 +399,18 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         return self._backends[key]
 
     def compile_layers(self, backend: str = "inductor") -> None:
-        """`torch.compile` every layer's dense parts, dynamic in the token count T.
+        """`torch.compile` the layers, dynamic in the token count T.
 
-        Two forward and two backward graphs are compiled on the first step and serve every layer
-        and every later batch: no recompilation when T, the number of documents or their lengths
-        change. The attention kernel, the embedding and the host-side metadata stay eager.
-        `backend` is `torch.compile`'s (`aot_eager` traces the same graphs without code generation).
+        With an attention backend that torch.compile can trace (`Backend.traceable`: `triton`, what
+        `auto` picks on CUDA), all layers form one graph, attention included, compiled on the first
+        step (one forward and one backward graph; under gradient checkpointing one per layer,
+        shared by all). Other backends' kernels stay eager between two graphs per layer, shared by
+        all layers. Either way the graphs serve every later batch: no recompilation when T, the
+        number of documents or their lengths change. The embedding and the host-side metadata stay
+        eager. `backend` is `torch.compile`'s (`aot_eager` traces the same graphs without code
+        generation).
         """
+        self.compile_backend = backend
         for layer in self.layers:
             layer.compile_regions(backend)
 
@@ -383,8 +426,14 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         meta = backend.prepare(meta)  # once per forward; every layer gets this same object
         x_TD = self.embed_tokens(input_ids_T)
         rope = self.rotary_emb(meta.position_ids_T, x_TD.dtype)
+        checkpointing = self.gradient_checkpointing and self.training
+        if self.compile_backend is not None and backend.traceable is not None and not checkpointing:
+            # Every layer in one graph, attention included: the least host work per step.
+            _mark_dynamic(x_TD, *rope, meta.attn_extra)
+            x_TD = _compiled_stack(self.compile_backend)(self.layers, x_TD, *rope, meta.attn_extra, backend.traceable)
+            return self.norm(x_TD)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
+            if checkpointing:
                 x_TD = self._gradient_checkpointing_func(layer.__call__, x_TD, meta, rope, backend)
             else:
                 x_TD = layer(x_TD, meta, rope, backend)
@@ -401,8 +450,9 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         """HF `LlamaModel` interface: `[B,S]` in, `[B,S,D]` last hidden state out (zeros at padding)."""
         with torch.no_grad():
             batch = unpad(
-                input_ids, attention_mask, sequence_id, position_ids, None, self.config.max_position_embeddings
-            )
+                input_ids, attention_mask, sequence_id, position_ids, None, self.config.max_position_embeddings,
+                device=self.embed_tokens.weight.device,
+            )  # fmt: skip
         hidden_BSD = batch.meta.pad(self.forward_tokens(batch.input_ids_T, batch.meta))
         if return_dict is False:
             return (hidden_BSD,)
@@ -489,7 +539,9 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         """Causal LM forward over `[B,S]` rows: HF padding, or packed documents.
 
         Args:
-            input_ids: (B, S), int64.
+            input_ids: (B, S), int64. The batch's tensors may stay on the CPU (pinned) for a model on
+                a GPU: the model reads the layout there and copies only the real tokens, so the
+                step does not wait for the GPU to drain (on the GPU, unpadding copies flags back).
             attention_mask: (B, S), 1 on real tokens (HF, left or right padding).
             position_ids: (B, S), int64; restart at 0 per document for packed rows (HF padding-free).
             sequence_id: (B, S), int64; document index per row, -1 on padding (LLM-Foundry).
@@ -517,7 +569,7 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         with torch.no_grad():  # unpad once, before the embedding
             batch = unpad(
                 input_ids, attention_mask, sequence_id, position_ids, labels,
-                self.config.max_position_embeddings, self.config.vocab_size,
+                self.config.max_position_embeddings, self.config.vocab_size, self.model.embed_tokens.weight.device,
             )  # fmt: skip
         x_TD = self.model.forward_tokens(batch.input_ids_T, batch.meta)
 

@@ -288,65 +288,108 @@ def _warps(head_dim: int, block: int) -> int:
     return 8 if _block_d(head_dim) * block > 8192 else 4
 
 
+def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: TileSizes, scale: float):
+    """Outputs (T, N, H) and base-2 log-sum-exps (N, T) fp32 of the forward kernel."""
+    T, N, H = q_TNH.shape
+    K = k_TKH.shape[1]
+    o_TNH = q_TNH.new_empty(T, N, H)
+    lse_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
+    if len(fwd_P4):
+        _fwd_kernel[(N, len(fwd_P4))](
+            q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, fwd_P4,
+            *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *o_TNH.stride()[:2],
+            T, scale * _LOG2_E,
+            HEAD_DIM=H, GROUP=N // K, BLOCK_D=_block_d(H), BLOCK_M=s.fwd_m, BLOCK_N=s.fwd_n,
+            PRECISION=_precision(q_TNH.dtype),
+            num_warps=_warps(H, s.fwd_m), num_stages=3,
+        )  # fmt: skip
+    return o_TNH, lse_NT
+
+
+def _backward(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, s: TileSizes, scale: float):
+    """dQ (T, N, H), dK and dV (T, K, H) from the forward's inputs, outputs and log-sum-exps."""
+    do_TNH = _unit_last_stride(do_TNH)
+    T, N, H = q_TNH.shape
+    K = k_TKH.shape[1]
+    dq_TNH, dk_TKH, dv_TKH = q_TNH.new_empty(T, N, H), k_TKH.new_empty(T, K, H), v_TKH.new_empty(T, K, H)
+    if T == 0:
+        return dq_TNH, dk_TKH, dv_TKH
+    delta_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
+    block_t = 64
+    _delta_kernel[(N, triton.cdiv(T, block_t))](
+        o_TNH, do_TNH, delta_NT, *o_TNH.stride()[:2], *do_TNH.stride()[:2], T,
+        HEAD_DIM=H, BLOCK_D=_block_d(H), BLOCK_T=block_t,
+    )  # fmt: skip
+    common = dict(HEAD_DIM=H, GROUP=N // K, BLOCK_D=_block_d(H), PRECISION=_precision(q_TNH.dtype))
+    strides = (*q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2])
+    _dkdv_kernel[(K, len(dkdv_P4))](
+        q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dk_TKH, dv_TKH, dkdv_P4,
+        *strides, *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], T, scale * _LOG2_E, scale,
+        BLOCK_M=s.dkdv_m, BLOCK_N=s.dkdv_n, num_warps=_warps(H, s.dkdv_n), num_stages=s.dkdv_stages, **common,
+    )  # fmt: skip
+    _dq_kernel[(N, len(dq_P4))](
+        q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dq_TNH, dq_P4,
+        *strides, *dq_TNH.stride()[:2], T, scale * _LOG2_E, scale,
+        BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, num_warps=_warps(H, s.dq_m), num_stages=2, **common,
+    )  # fmt: skip
+    return dq_TNH, dk_TKH, dv_TKH
+
+
 class _VarlenAttention(torch.autograd.Function):
+    """The eager path: the least host work per call, which matters when layers are small."""
+
     @staticmethod
     def forward(ctx, q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, tiles: Schedules, scale: float) -> Tensor:
-        q_TNH, k_TKH, v_TKH = (_unit_last_stride(t) for t in (q_TNH, k_TKH, v_TKH))
-        T, N, H = q_TNH.shape
-        K = k_TKH.shape[1]
-        o_TNH = torch.empty_like(q_TNH)
-        lse_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
-        s = tiles.sizes
-        if len(tiles.fwd_P4):
-            _fwd_kernel[(N, len(tiles.fwd_P4))](
-                q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, tiles.fwd_P4,
-                *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *o_TNH.stride()[:2],
-                T, scale * _LOG2_E,
-                HEAD_DIM=H, GROUP=N // K, BLOCK_D=_block_d(H), BLOCK_M=s.fwd_m, BLOCK_N=s.fwd_n,
-                PRECISION=_precision(q_TNH.dtype),
-                num_warps=_warps(H, s.fwd_m), num_stages=3,
-            )  # fmt: skip
+        o_TNH, lse_NT = _forward(q_TNH, k_TKH, v_TKH, tiles.fwd_P4, tiles.sizes, scale)
         ctx.save_for_backward(q_TNH, k_TKH, v_TKH, o_TNH, lse_NT)
         ctx.tiles, ctx.scale = tiles, scale
         return o_TNH
 
     @staticmethod
     def backward(ctx, do_TNH: Tensor):
-        q_TNH, k_TKH, v_TKH, o_TNH, lse_NT = ctx.saved_tensors
-        tiles, scale = ctx.tiles, ctx.scale
-        do_TNH = _unit_last_stride(do_TNH)
+        t = ctx.tiles
+        grads = _backward(do_TNH, *ctx.saved_tensors, t.dkdv_P4, t.dq_P4, t.sizes, ctx.scale)
+        return *grads, None, None
+
+
+if HAS_TRITON:
+    # The same kernels as operators that torch.compile traces into its graphs (it cannot trace an
+    # autograd.Function holding a `Schedules`): compiled layers then need no graph break around
+    # attention, which saves host work per layer, and the tile lists are ordinary graph inputs.
+
+    @torch.library.custom_op("foundry_padfree::varlen_attention", mutates_args=())
+    def _attention_op(
+        q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, dkdv_P4: Tensor, dq_P4: Tensor,
+        sizes: list[int], scale: float,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        return _forward(q_TNH, k_TKH, v_TKH, fwd_P4, TileSizes(*sizes), scale)
+
+    @_attention_op.register_fake
+    def _(q_TNH, k_TKH, v_TKH, fwd_P4, dkdv_P4, dq_P4, sizes, scale):
         T, N, H = q_TNH.shape
-        K = k_TKH.shape[1]
-        s = tiles.sizes
-        dq_TNH, dk_TKH, dv_TKH = torch.empty_like(q_TNH), torch.empty_like(k_TKH), torch.empty_like(v_TKH)
-        if T == 0:
-            return dq_TNH, dk_TKH, dv_TKH, None, None
-        delta_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
-        block_t = 64
-        _delta_kernel[(N, triton.cdiv(T, block_t))](
-            o_TNH,
-            do_TNH,
-            delta_NT,
-            *o_TNH.stride()[:2],
-            *do_TNH.stride()[:2],
-            T,
-            HEAD_DIM=H,
-            BLOCK_D=_block_d(H),
-            BLOCK_T=block_t,
-        )
-        common = dict(HEAD_DIM=H, GROUP=N // K, BLOCK_D=_block_d(H), PRECISION=_precision(q_TNH.dtype))
-        strides = (*q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2])
-        _dkdv_kernel[(K, len(tiles.dkdv_P4))](
-            q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dk_TKH, dv_TKH, tiles.dkdv_P4,
-            *strides, *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], T, scale * _LOG2_E, scale,
-            BLOCK_M=s.dkdv_m, BLOCK_N=s.dkdv_n, num_warps=_warps(H, s.dkdv_n), num_stages=s.dkdv_stages, **common,
-        )  # fmt: skip
-        _dq_kernel[(N, len(tiles.dq_P4))](
-            q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dq_TNH, tiles.dq_P4,
-            *strides, *dq_TNH.stride()[:2], T, scale * _LOG2_E, scale,
-            BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, num_warps=_warps(H, s.dq_m), num_stages=2, **common,
-        )  # fmt: skip
-        return dq_TNH, dk_TKH, dv_TKH, None, None
+        return q_TNH.new_empty(T, N, H), q_TNH.new_empty(N, T, dtype=torch.float32)
+
+    @torch.library.custom_op("foundry_padfree::varlen_attention_backward", mutates_args=())
+    def _attention_backward_op(
+        do_TNH: Tensor, q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, o_TNH: Tensor, lse_NT: Tensor,
+        dkdv_P4: Tensor, dq_P4: Tensor, sizes: list[int], scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        return _backward(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, TileSizes(*sizes), scale)
+
+    @_attention_backward_op.register_fake
+    def _(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, sizes, scale):
+        return q_TNH.new_empty(q_TNH.shape), k_TKH.new_empty(k_TKH.shape), v_TKH.new_empty(v_TKH.shape)
+
+    def _setup_context(ctx, inputs, output):
+        q_TNH, k_TKH, v_TKH, _, dkdv_P4, dq_P4, sizes, scale = inputs
+        ctx.save_for_backward(q_TNH, k_TKH, v_TKH, *output, dkdv_P4, dq_P4)
+        ctx.sizes, ctx.scale = sizes, scale
+
+    def _attention_op_backward(ctx, do_TNH: Tensor, _dlse):
+        dq_TNH, dk_TKH, dv_TKH = _attention_backward_op(do_TNH, *ctx.saved_tensors, ctx.sizes, ctx.scale)
+        return dq_TNH, dk_TKH, dv_TKH, None, None, None, None, None
+
+    _attention_op.register_autograd(_attention_op_backward, setup_context=_setup_context)
 
 
 def check_inputs(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor) -> None:
@@ -383,4 +426,9 @@ def varlen_attention(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, tiles: Schedul
         (T, N, H) outputs in the inputs' dtype.
     """
     check_inputs(q_TNH, k_TKH, v_TKH)
+    q_TNH, k_TKH, v_TKH = (_unit_last_stride(t) for t in (q_TNH, k_TKH, v_TKH))
+    if torch.compiler.is_compiling():
+        sizes = [*tiles.sizes]
+        o_TNH, _ = _attention_op(q_TNH, k_TKH, v_TKH, tiles.fwd_P4, tiles.dkdv_P4, tiles.dq_P4, sizes, scale)
+        return o_TNH
     return _VarlenAttention.apply(q_TNH, k_TKH, v_TKH, tiles, scale)

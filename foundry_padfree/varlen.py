@@ -14,7 +14,9 @@ at 0). `unpad` reads whichever of those the caller gave and returns:
   but never across a boundary), with the positions of the supervised ones.
 
 All checks and the host-side values come from a single device-to-host copy of one `uint8 [B,S]`
-tensor of flags: that copy is the one sync of a forward.
+tensor of flags: that copy is the one sync of a forward. A batch still on the host (CPU tensors,
+pinned for speed) with a CUDA `device` needs no sync at all: it is read where it is, and only the
+real tokens and the metadata are copied to the GPU, without waiting for the work queued there.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def unpad(
     labels: Tensor | None = None,
     max_positions: int | None = None,
     vocab_size: int | None = None,
+    device: torch.device | str | None = None,
 ) -> Unpadded:
     """Gather the real tokens of a `[B,S]` batch and describe its documents.
 
@@ -107,6 +110,8 @@ def unpad(
         labels: (B, S), integer, unshifted as in HF; IGNORE_INDEX where there is no target.
         max_positions: the largest allowed position + 1 (`max_position_embeddings`), or None.
         vocab_size: labels of real tokens must be IGNORE_INDEX or in `[0, vocab_size)`; None: any.
+        device: where the outputs go (default: the batch's device). A CPU batch bound for a GPU is
+            read on the host, so unpadding it waits for nothing the GPU is doing.
 
     Raises:
         ValueError: for a batch that cannot be read without guessing, naming the value and the fix.
@@ -121,7 +126,7 @@ def unpad(
     B, S = input_ids.shape
     if B == 0 or S == 0:
         raise ValueError(f"input_ids has shape {(B, S)}: a batch needs at least one row of at least one token.")
-    device = input_ids.device
+    device = input_ids.device if device is None else torch.device(device)
     for name, t in (("attention_mask", attention_mask), ("sequence_id", sequence_id),
                     ("position_ids", position_ids), ("labels", labels)):  # fmt: skip
         if t is not None and tuple(t.shape) != (B, S):
@@ -129,9 +134,18 @@ def unpad(
                 f"{name} has shape {tuple(t.shape)} but input_ids has {(B, S)}; "
                 "every per-token tensor of the batch must have the same [batch, seq_len] shape."
             )
+        if t is not None and t.device != input_ids.device:
+            raise ValueError(
+                f"{name} is on {t.device} but input_ids on {input_ids.device}; pass the whole batch on one device."
+            )
+    if input_ids.device != device and input_ids.device.type != "cpu":
+        raise ValueError(
+            f"the batch is on {input_ids.device} and device={device}: only a batch on the CPU can be "
+            "unpadded for another device; move it to the CPU or to the model's device."
+        )
 
     if attention_mask is None and sequence_id is None and position_ids is None:
-        return _unpad_dense(input_ids, labels, max_positions, vocab_size)
+        return _unpad_dense(_to(input_ids, device), _to(labels, device), max_positions, vocab_size)
 
     real_BS = torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask is not None:
@@ -189,10 +203,16 @@ def unpad(
 
     indices_T = _to_device(indices, torch.int64, device)
     cu_seqlens_N1 = _to_device(cu_seqlens, torch.int32, device)
+    # The real tokens of a [B,S] tensor, gathered where the batch is and then copied.
+    host_indices = torch.from_numpy(indices) if input_ids.device != device else indices_T
+
+    def real_tokens(t_BS: Tensor) -> Tensor:
+        return _to(t_BS.reshape(-1)[host_indices], device)
+
     if position_ids is None:
         position_ids_T = _to_device(positions, torch.int64, device)
     else:
-        position_ids_T = position_ids.reshape(-1)[indices_T].long()
+        position_ids_T = real_tokens(position_ids).long()
     meta = VarlenMeta(
         indices_T=indices_T,
         cu_seqlens_N1=cu_seqlens_N1,
@@ -202,9 +222,8 @@ def unpad(
         batch_size=B,
         seq_len=S,
     )
-    input_ids_T = input_ids.reshape(-1)[indices_T]
-    targets_T = _shift_targets(labels, meta, last_T) if labels is not None else None
-    return Unpadded(meta, input_ids_T, targets_T, supervised_T)
+    targets_T = _shift_targets(real_tokens(labels), meta, last_T) if labels is not None else None
+    return Unpadded(meta, real_tokens(input_ids), targets_T, supervised_T)
 
 
 def _unpad_dense(
@@ -236,7 +255,7 @@ def _unpad_dense(
         batch_size=B,
         seq_len=S,
     )
-    targets_T = _shift_targets(labels, meta)
+    targets_T = _shift_targets(labels.reshape(-1), meta) if labels is not None else None
     supervised_T = None
     if targets_T is not None:
         # Without a sync we cannot know how many targets there are: take every token and let the
@@ -245,15 +264,12 @@ def _unpad_dense(
     return Unpadded(meta, input_ids.reshape(-1), targets_T, supervised_T)
 
 
-def _shift_targets(labels: Tensor | None, meta: VarlenMeta, last_T: Tensor | None = None) -> Tensor | None:
+def _shift_targets(labels_T: Tensor, meta: VarlenMeta, last_T: Tensor | None = None) -> Tensor:
     """(T,), int64: label of the next token of the same document; IGNORE_INDEX at each doc's end.
 
-    `last_T` (T,) bool marks the last token of each document; None for a dense batch (one document
-    per row, no padding)."""
-    if labels is None:
-        return None
-    labels_T = labels.reshape(-1)[meta.indices_T].long()
-    targets_T = torch.roll(labels_T, -1)
+    `labels_T` (T,) are the real tokens' labels; `last_T` (T,) bool marks the last token of each
+    document; None for a dense batch (one document per row, no padding)."""
+    targets_T = torch.roll(labels_T.long(), -1)
     if last_T is None:  # every row is one document: its last token is the row's last column
         targets_T.view(meta.batch_size, meta.seq_len)[:, -1] = IGNORE_INDEX
         return targets_T
@@ -322,7 +338,13 @@ def _check_rows(
 
 
 def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
+    return _to(torch.from_numpy(np.ascontiguousarray(array)).to(dtype), device)
+
+
+def _to(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """`t` on `device`; from the host to a GPU through pinned memory, without waiting for the GPU."""
+    if t is None or t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
     return t.to(device)

@@ -25,6 +25,11 @@ Systems:
                      available on the device.
     ours_compiled    the same with `model.compile_layers()` (default backend).
 
+Stock HF models take the batch on the GPU, so their steps start by copying it there. Ours take it
+as it leaves the data loader, pinned on the CPU (`--ours-batch host`): the model reads the
+documents' layout on the host and copies only the real tokens, so no step waits for the previous
+one to drain (`--ours-batch device` copies the batch first, as for HF; unpadding then syncs once).
+
 Data: the alpaca_eval instruction/response pairs (`scripts/data/alpaca_eval_lengths.json` holds
 their character counts; tokens are estimated as ceil(chars / 4), prompts masked out of the loss,
 examples cut at `--max-doc-len`), and a synthetic sweep of equal-length documents at one budget.
@@ -298,6 +303,7 @@ def train(
     extra: list[dict] | None = None,
     count_syncs: bool = False,
     profile: bool = False,
+    batch_on_device: bool = True,
 ) -> dict:
     """Warm up on the first `warmup` batches, time the rest; `extra` batches then run untimed to count
     recompilations (and one to count device-to-host syncs). Returns the measurements.
@@ -311,7 +317,8 @@ def train(
     pinned = [{k: (v.pin_memory() if fused else v) for k, v in b.items()} for b in batches]
 
     def one_step(batch: dict) -> torch.Tensor:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if batch_on_device:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if prepare is not None:
             batch = prepare(batch)
         loss = model(**batch).loss
@@ -372,7 +379,7 @@ def train(
         result["recompiles_after_warmup"] = dynamo_compiles() - before
         result["loss_after_check"] = float(loss)
     if count_syncs and device.type == "cuda":
-        result.update(count_device_syncs(model, opt, pinned[-1], device, prepare))
+        result.update(count_device_syncs(model, opt, pinned[-1], device, prepare, batch_on_device))
     if profile:
         result["profile"] = profile_step(lambda: one_step(pinned[-1]), device)
     return result
@@ -383,7 +390,7 @@ def _batch_size(batch: dict) -> int:
     return batch["input_ids"].numel()
 
 
-def count_device_syncs(model, opt, batch: dict, device: torch.device, prepare=None) -> dict:
+def count_device_syncs(model, opt, batch: dict, device: torch.device, prepare=None, batch_on_device=True) -> dict:
     """Device-to-host synchronizations of one training step, by phase (`torch.cuda.set_sync_debug_mode`),
     with the Python line that triggered each one (for ops run by autograd, the `backward()` call)."""
     phases: dict[str, list[str]] = {"forward": [], "backward": [], "optimizer": []}
@@ -402,7 +409,7 @@ def count_device_syncs(model, opt, batch: dict, device: torch.device, prepare=No
         return out
 
     def forward() -> torch.Tensor:
-        b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        b = {k: v.to(device, non_blocking=True) for k, v in batch.items()} if batch_on_device else batch
         return model(**(prepare(b) if prepare is not None else b)).loss
 
     loss = watched("forward", forward)
@@ -472,10 +479,13 @@ def run_system(
             info["config"] = args.ours_config
         if compiled:
             info["compiled"] = f"model.compile_layers({args.compile_backend!r})"
+        info["batch"] = args.ours_batch
     params = sum(p.numel() for p in model.parameters())
     free_memory(device)
     try:
-        result = train(model, batches, tokens, args.warmup, device, prepare, extra, system.startswith("ours_"), profile)
+        ours = system.startswith("ours_")
+        on_device = not ours or args.ours_batch == "device"
+        result = train(model, batches, tokens, args.warmup, device, prepare, extra, ours, profile, on_device)
     except torch.OutOfMemoryError:
         result = dict(status="OOM")
     except Exception as e:  # report it in the table and go on with the other systems
@@ -640,6 +650,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FIELD=VALUE",
         help="PadFreeLlamaConfig fields for our systems, e.g. fused_kernels=false recompute_mlp=false",
     )
+    p.add_argument("--ours-batch", choices=["host", "device"], default="host",
+                   help="where our systems get the batch: pinned on the CPU, or copied to the GPU first")  # fmt: skip
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="alpaca_eval .jsonl or its lengths .json")
     p.add_argument("--max-doc-len", type=int, default=2048, help="examples are cut at this many tokens")
     p.add_argument("--concat-row-len", type=int, default=2048, help="row length of hf_concat")

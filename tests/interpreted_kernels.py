@@ -230,3 +230,37 @@ def test_triton_attention_takes_strided_views_without_copying(monkeypatch):
     o_ref, grads_ref = _sdpa_fp32(meta, (q, k, v), grad)
     torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(d_qkv, torch.cat(grads_ref, dim=1), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["one_graph", "graph_per_layer"])
+def test_compiled_layers_trace_the_triton_attention_without_a_graph_break(checkpointing):
+    # Inside torch.compile the kernels run as the `foundry_padfree::varlen_attention` operator: the
+    # whole stack is one graph (one per layer under gradient checkpointing), the tile lists its
+    # inputs. Same loss and gradients as eager; another layout and token count reuse the graphs.
+    torch._dynamo.reset()
+    batch = packed_lm_batch()
+    eager_loss, eager_grads = loss_and_grads(tiny_model(attn_backend="triton").train(), batch)
+    compiled = tiny_model(attn_backend="triton").train()
+    if checkpointing:
+        compiled.gradient_checkpointing_enable()
+    compiled.compile_layers("aot_eager")
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    loss, grads = loss_and_grads(compiled, batch)
+    torch.testing.assert_close(loss, eager_loss, **FP32_TOL)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    graphs = counters["stats"]["unique_graphs"]
+    # Checkpointing runs each layer once without grad and once again in backward: two graphs.
+    assert graphs == (2 if checkpointing else 1), graphs
+    loss_and_grads(compiled, {k: v[:, 3:] for k, v in batch.items()})
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_attention_operator_passes_opcheck():
+    from foundry_padfree import triton_attention as ta
+
+    meta, (q, k, v), _ = _attention_case([5, 33, 1], 4, 2, 16, torch.float32)
+    tiles = ta.schedule(meta.doc_lens, q.device, ta.TileSizes(**SMALL_TILES))
+    torch.library.opcheck(ta._attention_op, (q, k, v, *tiles[:3], list(tiles.sizes), 0.25))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import foundry_padfree.modeling as modeling
@@ -88,3 +89,30 @@ def test_one_unpad_and_the_same_meta_object_in_every_layer(monkeypatch):
     assert len(seen_metas) == 3
     assert all(m is seen_metas[0] for m in seen_metas)
     assert len(pad_calls) == 1  # logits re-padded once, at the end
+
+
+def test_a_host_batch_bound_for_another_device_lands_there_whole():
+    # A CPU batch for a GPU model is read on the host and only its real tokens are copied. Here the
+    # other device is `meta` (no GPU on CPU-only machines): every output must be on it, with the
+    # shapes the same batch gives on the CPU.
+    seq_id = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, -1, -1]])
+    ids = torch.arange(12).view(2, 6) + 10
+    labels = ids.clone()
+    for kwargs in (dict(sequence_id=seq_id), dict(position_ids=torch.arange(6).repeat(2, 1)), {}):
+        here = unpad(ids, labels=labels, **kwargs)
+        there = unpad(ids, labels=labels, device="meta", **kwargs)
+        assert there.meta.doc_lens == here.meta.doc_lens and there.meta.max_seqlen == here.meta.max_seqlen
+        for name in ("input_ids_T", "targets_T", "supervised_T"):
+            t, ref = getattr(there, name), getattr(here, name)
+            assert t.device.type == "meta" and t.shape == ref.shape and t.dtype == ref.dtype, (kwargs, name)
+        for name in ("indices_T", "cu_seqlens_N1", "position_ids_T"):
+            t, ref = getattr(there.meta, name), getattr(here.meta, name)
+            assert t.device.type == "meta" and t.shape == ref.shape and t.dtype == ref.dtype, (kwargs, name)
+
+
+def test_a_batch_split_across_devices_is_refused():
+    ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"labels is on meta but input_ids on cpu; pass the whole batch"):
+        unpad(ids, labels=ids.to("meta"))
+    with pytest.raises(ValueError, match=r"the batch is on meta and device=cpu: only a batch on the CPU"):
+        unpad(ids.to("meta"), device="cpu")
