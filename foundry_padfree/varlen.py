@@ -127,6 +127,8 @@ def unpad(
     if B == 0 or S == 0:
         raise ValueError(f"input_ids has shape {(B, S)}: a batch needs at least one row of at least one token.")
     device = input_ids.device if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current one, as in torch
+        device = torch.device("cuda", torch.cuda.current_device())
     for name, t in (("attention_mask", attention_mask), ("sequence_id", sequence_id),
                     ("position_ids", position_ids), ("labels", labels)):  # fmt: skip
         if t is not None and tuple(t.shape) != (B, S):

@@ -279,3 +279,19 @@ def test_compiled_stack_with_the_attention_inside_matches_eager():
     counters = torch._dynamo.utils.counters
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # the stack, the loss chunk
+
+
+def test_unpad_for_cuda_reads_a_host_batch_as_the_same_batch_on_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    batch = _packed_batch()
+    on_gpu = unpad(batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(), labels=batch["labels"].cuda())
+    for device in ("cuda", torch.device("cuda", torch.cuda.current_device())):  # "cuda": the current one
+        from_host = unpad(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], device=device)
+        same_device = unpad(on_gpu.input_ids_T[None], device=device)  # a GPU batch for "cuda" is no error
+        assert same_device.input_ids_T.device == on_gpu.input_ids_T.device
+        for name in ("input_ids_T", "targets_T", "supervised_T"):
+            assert torch.equal(getattr(from_host, name), getattr(on_gpu, name)), name
+        for name in ("indices_T", "cu_seqlens_N1", "position_ids_T"):
+            assert torch.equal(getattr(from_host.meta, name), getattr(on_gpu.meta, name)), name
+        assert from_host.meta.doc_lens == on_gpu.meta.doc_lens
