@@ -280,12 +280,11 @@ class PadFreeDecoderLayer(nn.Module):
             return _compiled_layer(self.compile_backend)(self, x_TD, *rope, meta.attn_extra, backend.traceable)
         if self.compile_backend is not None:
             attention_inputs, attention_output_and_mlp = _compiled_regions(self.compile_backend)
-            for t in (x_TD, *rope):
-                torch._dynamo.maybe_mark_dynamic(t, 0)  # T changes every batch: trace it symbolic once
+            _mark_dynamic(x_TD, *rope)
         q_TNH, k_TKH, v_TKH = _autocast_dtype(*attention_inputs(self, x_TD, *rope))
         o_TNH = backend.attend(q_TNH, k_TKH, v_TKH, meta, self.self_attn.scaling)
         if self.compile_backend is not None:
-            torch._dynamo.maybe_mark_dynamic(o_TNH, 0)
+            _mark_dynamic(o_TNH)
         return attention_output_and_mlp(self, x_TD, o_TNH)
 
     def compile_regions(self, backend: str = "inductor") -> None:

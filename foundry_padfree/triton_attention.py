@@ -336,7 +336,7 @@ def _backward(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, s: Til
 
 
 class _VarlenAttention(torch.autograd.Function):
-    """The eager path: the least host work per call, which matters when layers are small."""
+    """The eager path; under torch.compile `varlen_attention` calls the operator below instead."""
 
     @staticmethod
     def forward(ctx, q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, tiles: Schedules, scale: float) -> Tensor:

@@ -317,8 +317,7 @@ def train(
     pinned = [{k: (v.pin_memory() if fused else v) for k, v in b.items()} for b in batches]
 
     def one_step(batch: dict) -> torch.Tensor:
-        if batch_on_device:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = _model_input(batch, device, batch_on_device)
         if prepare is not None:
             batch = prepare(batch)
         loss = model(**batch).loss
@@ -385,6 +384,11 @@ def train(
     return result
 
 
+def _model_input(batch: dict, device: torch.device, on_device: bool) -> dict:
+    """The pinned host batch as the model gets it: copied to `device` first, or as it is."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()} if on_device else batch
+
+
 def _batch_size(batch: dict) -> int:
     """Token positions in a batch's rows, padding included: what a padded step's cost grows with."""
     return batch["input_ids"].numel()
@@ -409,7 +413,7 @@ def count_device_syncs(model, opt, batch: dict, device: torch.device, prepare=No
         return out
 
     def forward() -> torch.Tensor:
-        b = {k: v.to(device, non_blocking=True) for k, v in batch.items()} if batch_on_device else batch
+        b = _model_input(batch, device, batch_on_device)
         return model(**(prepare(b) if prepare is not None else b)).loss
 
     loss = watched("forward", forward)
