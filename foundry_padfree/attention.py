@@ -42,6 +42,10 @@ class Backend(NamedTuple):
     # `attend` from `meta.attn_extra` alone (q, k, v, attn_extra, scale), for backends whose
     # prepared metadata is all tensors: torch.compile traces it inside a layer's graph.
     traceable: Callable[[Tensor, Tensor, Tensor, object, float], Tensor] | None = None
+    max_head_dim: int | None = None  # the largest head dim its kernels take (None: any)
+
+    def takes(self, head_dim: int | None) -> bool:
+        return head_dim is None or self.max_head_dim is None or head_dim <= self.max_head_dim
 
 
 def _repeat_kv(x_TKH: Tensor, groups: int) -> Tensor:
@@ -159,16 +163,17 @@ def _eager_flex():
 
 
 BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", _triton_attend, _triton_prepare, triton_attention.varlen_attention),
-    "flash_attn": Backend("flash_attn", _flash_attn_attend),
-    "torch_varlen": Backend("torch_varlen", _torch_varlen_attend),
+    "triton": Backend("triton", _triton_attend, _triton_prepare, triton_attention.varlen_attention, 256),
+    "flash_attn": Backend("flash_attn", _flash_attn_attend, max_head_dim=256),
+    "torch_varlen": Backend("torch_varlen", _torch_varlen_attend, max_head_dim=256),  # FlashAttention-2
     "flex": Backend("flex", _flex_attend, _flex_prepare),
     "sdpa": Backend("sdpa", _sdpa_attend),
 }
 
 
-def available_backends(device: torch.device | str = "cuda") -> list[str]:
-    """Backends that can run on `device` with what is installed, best first (`auto` takes the first)."""
+def available_backends(device: torch.device | str = "cuda", head_dim: int | None = None) -> list[str]:
+    """Backends that can run on `device` with what is installed, best first (`auto` takes the first),
+    and that take heads of `head_dim` (None: any)."""
     device = torch.device(device)
     names = []
     if device.type == "cuda" and torch.cuda.is_available():
@@ -184,15 +189,20 @@ def available_backends(device: torch.device | str = "cuda") -> list[str]:
         names.append("flex")  # eager flex off CUDA: slow, but it lets CPU tests check its mask
     if "triton" not in names and kernels.HAS_TRITON and kernels.INTERPRET:
         names.append("triton")  # Triton's interpreter: slow, but it lets CPU tests check the kernels
-    return names
+    return [name for name in names if BACKENDS[name].takes(head_dim)]
 
 
-def resolve_backend(name: str, device: torch.device | str) -> Backend:
-    """The backend named by config (`auto`: the best of `available_backends(device)`)."""
+def resolve_backend(name: str, device: torch.device | str, head_dim: int | None = None) -> Backend:
+    """The backend named by config (`auto`: the best of `available_backends(device, head_dim)`)."""
     if name == "auto":
-        return BACKENDS[available_backends(device)[0]]
+        return BACKENDS[available_backends(device, head_dim)[0]]
     if name not in BACKENDS:
         raise ValueError(f"attn_backend={name!r} is not a known backend; use auto or one of {sorted(BACKENDS)}.")
+    if not BACKENDS[name].takes(head_dim):
+        raise ValueError(
+            f"attn_backend={name!r} takes head dims up to {BACKENDS[name].max_head_dim}, got {head_dim}; "
+            f"use auto or one of {', '.join(available_backends(device, head_dim))}."
+        )
     if name not in available_backends(device):
         raise ValueError(
             f"attn_backend={name!r} cannot run on {device} here (available: "

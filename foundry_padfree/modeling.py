@@ -394,7 +394,7 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         """The kernel named by `config.attn_backend` for `device`, chosen once and cached."""
         key = (self.config.attn_backend, device.type)
         if key not in self._backends:
-            self._backends[key] = resolve_backend(self.config.attn_backend, device)
+            self._backends[key] = resolve_backend(self.config.attn_backend, device, _head_dim(self.config))
         return self._backends[key]
 
     def compile_layers(self, backend: str = "inductor") -> None:

@@ -398,7 +398,7 @@ def check_inputs(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor) -> None:
     if H > 256:
         raise ValueError(
             f"attn_backend='triton' takes head dims up to 256, got {H}; "
-            "use attn_backend='torch_varlen', 'flash_attn' or 'flex'."
+            "use attn_backend='auto', 'flex' or 'sdpa' (FlashAttention's kernels stop at 256 too)."
         )
     if q_TNH.shape[1] % k_TKH.shape[1]:
         raise ValueError(
