@@ -38,7 +38,8 @@ from foundry_padfree.varlen import VarlenMeta
 class Backend(NamedTuple):
     name: str
     attend: Callable[[Tensor, Tensor, Tensor, VarlenMeta, float], Tensor]
-    prepare: Callable[[VarlenMeta], VarlenMeta] = lambda meta: meta
+    # (meta, query heads per key/value head) -> meta; once per forward, see the module docstring.
+    prepare: Callable[[VarlenMeta, int], VarlenMeta] = lambda meta, group=1: meta
     # `attend` from `meta.attn_extra` alone (q, k, v, attn_extra, scale), for backends whose
     # prepared metadata is all tensors: torch.compile traces it inside a layer's graph.
     traceable: Callable[[Tensor, Tensor, Tensor, object, float], Tensor] | None = None
@@ -126,7 +127,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _flex_prepare(meta: VarlenMeta) -> VarlenMeta:
+def _flex_prepare(meta: VarlenMeta, group: int = 1) -> VarlenMeta:
     from torch.nn.attention.flex_attention import create_block_mask
 
     doc_T = meta.doc_ids_T()
@@ -147,8 +148,9 @@ def _flex_attend(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, meta: VarlenMeta, 
     return o_1NTH.squeeze(0).transpose(0, 1)
 
 
-def _triton_prepare(meta: VarlenMeta) -> VarlenMeta:
-    return meta._replace(attn_extra=triton_attention.schedule(meta.doc_lens, meta.cu_seqlens_N1.device))
+def _triton_prepare(meta: VarlenMeta, group: int = 1) -> VarlenMeta:
+    schedules = triton_attention.schedule(meta.doc_lens, meta.cu_seqlens_N1.device, group=group)
+    return meta._replace(attn_extra=schedules)
 
 
 def _triton_attend(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, meta: VarlenMeta, scale: float) -> Tensor:

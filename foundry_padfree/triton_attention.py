@@ -17,6 +17,10 @@ the masked diagonal weigh more than on long sequences:
   get larger tiles (`LONG_DOCS`).
 - A dK/dV program owns one key/value head and loops over the G query heads that share it, so GQA
   needs no expanded `[T,N,H]` key gradients and no reduction afterwards.
+- Query heads that share a key/value head are packed into one program (`TileSizes.pack`): the
+  forward and dQ programs stack `pack` heads' rows of one token tile, the dK/dV steps `pack` heads'
+  queries, so each key/value block loaded feeds `pack` times the product rows. Row r of a packed
+  block is token `r % BLOCK_M` of head `r // BLOCK_M`.
 
 Log-sum-exps are kept in base 2 (`exp2` on scores scaled by `scale * log2(e)`), fp32, `[N,T]`.
 Inputs are bf16, fp16 or fp32 (fp32 products in full precision, not TF32). With
@@ -40,9 +44,10 @@ _LOG2_E = 1.4426950408889634
 
 
 class TileSizes(NamedTuple):
-    """Tokens per tile, and software-pipeline stages, of the three kernels. `SHORT_DOCS` and
-    `LONG_DOCS` were the fastest of sweeps on an H200 (head dim 64, 32/8 and 9/3 heads): the
-    alpaca_eval length mix, and documents of 2k to 32k tokens. The interpreter tests shrink them."""
+    """Tokens per tile, software-pipeline stages and packed heads of the three kernels. The presets
+    were the fastest of sweeps on an H200 (head dim 64, 32/8 and 9/3 heads): the alpaca_eval length
+    mix (`SHORT_DOCS`, and `SHORT_DOCS_PACKED` for groups of 4, 8, ... query heads per key/value
+    head), and documents of 2k to 32k tokens (`LONG_DOCS`). The interpreter tests shrink them."""
 
     fwd_m: int = 64  # query rows per forward program
     fwd_n: int = 64  # keys per forward step
@@ -51,9 +56,14 @@ class TileSizes(NamedTuple):
     dq_m: int = 64  # query rows per dQ program
     dq_n: int = 32  # keys per dQ step
     dkdv_stages: int = 2
+    dq_stages: int = 2
+    pack: int = 1  # query heads per program, at most (the largest power of two dividing G)
 
 
 SHORT_DOCS = TileSizes()
+# 4 heads' rows of 32-token tiles per forward and dQ program (128-row products on 32-token tiles,
+# which waste less of each short document than 64-token tiles), 4 heads' 16 queries per dK/dV step.
+SHORT_DOCS_PACKED = TileSizes(fwd_m=32, fwd_n=32, dkdv_m=16, dq_m=32, dkdv_stages=3, dq_stages=3, pack=4)
 LONG_DOCS = TileSizes(fwd_m=128, dkdv_n=128, dkdv_m=32, dkdv_stages=3)
 # Tokens whose documents are this long on average (sum len^2 / sum len) take the LONG_DOCS tiles.
 LONG_DOC_TOKENS = 2048
@@ -84,16 +94,21 @@ def _tiles(doc_lens: np.ndarray, starts: np.ndarray, block: int, queries: bool) 
     return np.stack([tile_start, doc_start, doc_end, np.zeros_like(doc_end)], axis=1)[order].astype(np.int32)
 
 
-def schedule(doc_lens: tuple[int, ...], device: torch.device, sizes: TileSizes | None = None) -> Schedules:
-    """The tiles of every kernel for documents of `doc_lens` (host ints) packed back to back.
+def schedule(
+    doc_lens: tuple[int, ...], device: torch.device, sizes: TileSizes | None = None, group: int = 1
+) -> Schedules:
+    """The tiles of every kernel for documents of `doc_lens` (host ints) packed back to back, for
+    attention with `group` query heads per key/value head.
 
     One host-to-device copy (no sync); built once per forward and shared by every layer. Without
     `sizes`, the tiles suit the batch: `LONG_DOCS` when its tokens sit in documents of
-    `LONG_DOC_TOKENS` or more on (token-weighted) average, else `SHORT_DOCS`."""
+    `LONG_DOC_TOKENS` or more on (token-weighted) average, else `SHORT_DOCS_PACKED` when `group` is
+    a multiple of its 4 packed heads, else `SHORT_DOCS`."""
     lens = np.asarray(doc_lens, dtype=np.int64)
     if sizes is None:
         long_docs = (lens * lens).sum() >= LONG_DOC_TOKENS * max(1, lens.sum())
-        sizes = LONG_DOCS if long_docs else SHORT_DOCS
+        packs = _pack(group, SHORT_DOCS_PACKED.pack) == SHORT_DOCS_PACKED.pack
+        sizes = LONG_DOCS if long_docs else SHORT_DOCS_PACKED if packs else SHORT_DOCS
     starts = np.cumsum(lens) - lens
     kinds = [(sizes.fwd_m, True), (sizes.dkdv_n, False), (sizes.dq_m, True)]
     unique = list(dict.fromkeys(kinds))  # the forward and dQ tiles coincide when their sizes do
@@ -126,9 +141,27 @@ if HAS_TRITON:
         tl.store(ptr + offsets, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
+    def _load_packed(ptr, rows, heads, stride_t, stride_h, offs_d, row_ok, d_ok):
+        """`_load_rows` with a head per row (`_packed_rows`)."""
+        offsets = rows[:, None].to(tl.int64) * stride_t + heads[:, None] * stride_h + offs_d[None, :]
+        return tl.load(ptr + offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    @triton.jit
+    def _store_packed(ptr, x, rows, heads, stride_t, stride_h, offs_d, row_ok, d_ok):
+        offsets = rows[:, None].to(tl.int64) * stride_t + heads[:, None] * stride_h + offs_d[None, :]
+        tl.store(ptr + offsets, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
     def _load_per_token(ptr, head, T, rows, row_ok):
-        """Entries `rows` of head `head` of an `(N, T)` fp32 tensor (log-sum-exps, row terms)."""
+        """Entries `rows` of head `head` (one, or one per row) of an `(N, T)` fp32 tensor (log-sum-exps,
+        row terms)."""
         return tl.load(ptr + head.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+
+    @triton.jit
+    def _packed_rows(t0, n0, BLOCK_M: tl.constexpr, PACK: tl.constexpr):
+        """Token and head of each row of a block packing PACK heads' BLOCK_M tokens from t0 (head n0 on)."""
+        r = tl.arange(0, PACK * BLOCK_M)
+        return t0 + r % BLOCK_M, n0 + r // BLOCK_M
 
     @triton.jit
     def _key_blocks(q0, ds, de, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -142,20 +175,20 @@ if HAS_TRITON:
         Q, K, V, Out, LSE, TILES,
         stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_ot, stride_on,
         T, scale_log2,
-        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        n = tl.program_id(0)
+        n0 = tl.program_id(0) * PACK
         q0, ds, de = _tile(TILES, tl.program_id(1))
-        kh = n // GROUP
-        offs_m = q0 + tl.arange(0, BLOCK_M)
+        kh = n0 // GROUP
+        offs_m, heads = _packed_rows(q0, n0, BLOCK_M, PACK)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
         m_ok = offs_m < de
-        q = _load_rows(Q, offs_m, n, stride_qt, stride_qn, offs_d, m_ok, d_ok)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        q = _load_packed(Q, offs_m, heads, stride_qt, stride_qn, offs_d, m_ok, d_ok)
+        m_i = tl.full([PACK * BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([PACK * BLOCK_M], tl.float32)
+        acc = tl.zeros([PACK * BLOCK_M, BLOCK_D], tl.float32)
         q_end, unmasked_end = _key_blocks(q0, ds, de, BLOCK_M, BLOCK_N)
         for start_n in range(ds, q_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -171,8 +204,8 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        _store_rows(Out, acc / l_i[:, None], offs_m, n, stride_ot, stride_on, offs_d, m_ok, d_ok)
-        tl.store(LSE + n.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+        _store_packed(Out, acc / l_i[:, None], offs_m, heads, stride_ot, stride_on, offs_d, m_ok, d_ok)
+        tl.store(LSE + heads.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
     @triton.jit(do_not_specialize=["T"])
     def _delta_kernel(Out, DO, DELTA, stride_ot, stride_on, stride_dt, stride_dn, T,
@@ -193,7 +226,7 @@ if HAS_TRITON:
         stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_dot, stride_don,
         stride_dkt, stride_dkn, stride_dvt, stride_dvn,
         T, scale_log2, scale,
-        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         kh = tl.program_id(0)
@@ -208,15 +241,14 @@ if HAS_TRITON:
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         # Query blocks that start after this key block's last key need no causal mask.
         masked_end = k0 + BLOCK_N
-        for g in range(GROUP):
-            n = kh * GROUP + g
+        for g in range(0, GROUP, PACK):
             for start_m in range(k0, de, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
+                offs_m, heads = _packed_rows(start_m, kh * GROUP + g, BLOCK_M, PACK)
                 m_ok = offs_m < de
-                q = _load_rows(Q, offs_m, n, stride_qt, stride_qn, offs_d, m_ok, d_ok)
-                do = _load_rows(DO, offs_m, n, stride_dot, stride_don, offs_d, m_ok, d_ok)
-                lse = _load_per_token(LSE, n, T, offs_m, m_ok)
-                delta = _load_per_token(DELTA, n, T, offs_m, m_ok)
+                q = _load_packed(Q, offs_m, heads, stride_qt, stride_qn, offs_d, m_ok, d_ok)
+                do = _load_packed(DO, offs_m, heads, stride_dot, stride_don, offs_d, m_ok, d_ok)
+                lse = _load_per_token(LSE, heads, T, offs_m, m_ok)
+                delta = _load_per_token(DELTA, heads, T, offs_m, m_ok)
                 s_T = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # [keys, queries]
                 if start_m < masked_end:
                     keep = (offs_m[None, :] >= offs_n[:, None]) & m_ok[None, :]
@@ -236,21 +268,21 @@ if HAS_TRITON:
         stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_dot, stride_don,
         stride_dqt, stride_dqn,
         T, scale_log2, scale,
-        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        n = tl.program_id(0)
+        n0 = tl.program_id(0) * PACK
         q0, ds, de = _tile(TILES, tl.program_id(1))
-        kh = n // GROUP
-        offs_m = q0 + tl.arange(0, BLOCK_M)
+        kh = n0 // GROUP
+        offs_m, heads = _packed_rows(q0, n0, BLOCK_M, PACK)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
         m_ok = offs_m < de
-        q = _load_rows(Q, offs_m, n, stride_qt, stride_qn, offs_d, m_ok, d_ok)
-        do = _load_rows(DO, offs_m, n, stride_dot, stride_don, offs_d, m_ok, d_ok)
-        lse = _load_per_token(LSE, n, T, offs_m, m_ok)
-        delta = _load_per_token(DELTA, n, T, offs_m, m_ok)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        q = _load_packed(Q, offs_m, heads, stride_qt, stride_qn, offs_d, m_ok, d_ok)
+        do = _load_packed(DO, offs_m, heads, stride_dot, stride_don, offs_d, m_ok, d_ok)
+        lse = _load_per_token(LSE, heads, T, offs_m, m_ok)
+        delta = _load_per_token(DELTA, heads, T, offs_m, m_ok)
+        dq = tl.zeros([PACK * BLOCK_M, BLOCK_D], tl.float32)
         q_end, unmasked_end = _key_blocks(q0, ds, de, BLOCK_M, BLOCK_N)
         for start_n in range(ds, q_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -266,7 +298,7 @@ if HAS_TRITON:
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds_ = p * (dp - delta[:, None])
             dq += tl.dot(ds_.to(k.dtype), k, input_precision=PRECISION)
-        _store_rows(DQ, dq * scale, offs_m, n, stride_dqt, stride_dqn, offs_d, m_ok, d_ok)
+        _store_packed(DQ, dq * scale, offs_m, heads, stride_dqt, stride_dqn, offs_d, m_ok, d_ok)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -288,6 +320,14 @@ def _warps(head_dim: int, block: int) -> int:
     return 8 if _block_d(head_dim) * block > 8192 else 4
 
 
+def _pack(group: int, most: int) -> int:
+    """Query heads per program: the largest power of two up to `most` that divides the group G."""
+    pack = 1
+    while pack * 2 <= most and group % (pack * 2) == 0:
+        pack *= 2
+    return pack
+
+
 def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: TileSizes, scale: float):
     """Outputs (T, N, H) and base-2 log-sum-exps (N, T) fp32 of the forward kernel."""
     T, N, H = q_TNH.shape
@@ -295,13 +335,14 @@ def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: Til
     o_TNH = q_TNH.new_empty(T, N, H)
     lse_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
     if len(fwd_P4):
-        _fwd_kernel[(N, len(fwd_P4))](
+        pack = _pack(N // K, s.pack)
+        _fwd_kernel[(N // pack, len(fwd_P4))](
             q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, fwd_P4,
             *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *o_TNH.stride()[:2],
             T, scale * _LOG2_E,
-            HEAD_DIM=H, GROUP=N // K, BLOCK_D=_block_d(H), BLOCK_M=s.fwd_m, BLOCK_N=s.fwd_n,
+            HEAD_DIM=H, GROUP=N // K, PACK=pack, BLOCK_D=_block_d(H), BLOCK_M=s.fwd_m, BLOCK_N=s.fwd_n,
             PRECISION=_precision(q_TNH.dtype),
-            num_warps=_warps(H, s.fwd_m), num_stages=3,
+            num_warps=_warps(H, pack * s.fwd_m), num_stages=3,
         )  # fmt: skip
     return o_TNH, lse_NT
 
@@ -320,17 +361,18 @@ def _backward(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, s: Til
         o_TNH, do_TNH, delta_NT, *o_TNH.stride()[:2], *do_TNH.stride()[:2], T,
         HEAD_DIM=H, BLOCK_D=_block_d(H), BLOCK_T=block_t,
     )  # fmt: skip
-    common = dict(HEAD_DIM=H, GROUP=N // K, BLOCK_D=_block_d(H), PRECISION=_precision(q_TNH.dtype))
+    pack = _pack(N // K, s.pack)
+    common = dict(HEAD_DIM=H, GROUP=N // K, PACK=pack, BLOCK_D=_block_d(H), PRECISION=_precision(q_TNH.dtype))
     strides = (*q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2])
     _dkdv_kernel[(K, len(dkdv_P4))](
         q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dk_TKH, dv_TKH, dkdv_P4,
         *strides, *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], T, scale * _LOG2_E, scale,
         BLOCK_M=s.dkdv_m, BLOCK_N=s.dkdv_n, num_warps=_warps(H, s.dkdv_n), num_stages=s.dkdv_stages, **common,
     )  # fmt: skip
-    _dq_kernel[(N, len(dq_P4))](
+    _dq_kernel[(N // pack, len(dq_P4))](
         q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dq_TNH, dq_P4,
         *strides, *dq_TNH.stride()[:2], T, scale * _LOG2_E, scale,
-        BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, num_warps=_warps(H, s.dq_m), num_stages=2, **common,
+        BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, num_warps=_warps(H, pack * s.dq_m), num_stages=s.dq_stages, **common,
     )  # fmt: skip
     return dq_TNH, dk_TKH, dv_TKH
 

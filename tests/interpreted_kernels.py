@@ -156,6 +156,7 @@ def _sdpa_fp32(meta, qkv, grad, scale=None):
 
 # fp16, not bf16: the interpreter's products of bf16 tiles are not bf16 products (numpy has no
 # bf16); the GPU tests check bf16.
+@pytest.mark.parametrize("pack", [1, 4], ids=["one_head", "packed_heads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "lens, N, K_heads, H",
@@ -165,11 +166,12 @@ def _sdpa_fp32(meta, qkv, grad, scale=None):
         ([50, 9], 4, 1, 24),  # multi-query, a head dim that is not a power of two
     ],
 )
-def test_triton_attention_matches_per_document_sdpa(dtype, lens, N, K_heads, H):
+def test_triton_attention_matches_per_document_sdpa(pack, dtype, lens, N, K_heads, H):
+    # `pack` 4 packs 2 heads per program for 4/2 heads, 4 for 4/1, none for 3/3.
     from foundry_padfree import triton_attention as ta
 
     meta, (q, k, v), grad = _attention_case(lens, N, K_heads, H, dtype)
-    tiles = ta.schedule(meta.doc_lens, q.device, ta.TileSizes(**SMALL_TILES))
+    tiles = ta.schedule(meta.doc_lens, q.device, ta.TileSizes(**SMALL_TILES, pack=pack))
     o = ta.varlen_attention(q, k, v, tiles, H**-0.5)
     grads = torch.autograd.grad(o, (q, k, v), grad)
     o_ref, grads_ref = _sdpa_fp32(meta, (q, k, v), grad)
@@ -180,12 +182,12 @@ def test_triton_attention_matches_per_document_sdpa(dtype, lens, N, K_heads, H):
         torch.testing.assert_close(g.float(), g_ref, **tol, msg=f"d{name}")
 
 
-@pytest.mark.parametrize("preset", ["SHORT_DOCS", "LONG_DOCS"])
+@pytest.mark.parametrize("preset", ["SHORT_DOCS", "SHORT_DOCS_PACKED", "LONG_DOCS"])
 def test_triton_attention_with_the_shipped_tiles(preset):
     # Tiles larger than most documents, and a document spanning two tiles of each kernel.
     from foundry_padfree import triton_attention as ta
 
-    meta, (q, k, v), grad = _attention_case([3, 140, 20], 2, 1, 16, torch.float32)
+    meta, (q, k, v), grad = _attention_case([3, 140, 20], 4, 1, 16, torch.float32)
     o = ta.varlen_attention(q, k, v, ta.schedule(meta.doc_lens, q.device, getattr(ta, preset)), 0.3)
     grads = torch.autograd.grad(o, (q, k, v), grad)
     o_ref, grads_ref = _sdpa_fp32(meta, (q, k, v), grad, scale=0.3)

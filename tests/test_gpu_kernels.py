@@ -36,7 +36,7 @@ def test_kernel_forward_and_backward_against_fp32_reference(backend, kv_heads):
     _needs(backend)
     torch.manual_seed(0)
     T, N, H = sum(DOC_LENS), 8, 64
-    meta = BACKENDS[backend].prepare(_meta(DOC_LENS))
+    meta = BACKENDS[backend].prepare(_meta(DOC_LENS), N // kv_heads)  # gqa, mqa: triton packs heads
     q32, k32, v32 = (torch.randn(T, n, H, device="cuda", requires_grad=True) for n in (N, kv_heads, kv_heads))
     grad_out = torch.randn(T, N, H, device="cuda")
     scale = H**-0.5
@@ -60,7 +60,9 @@ def test_kernel_forward_and_backward_against_fp32_reference(backend, kv_heads):
     "head_dim, dtype, lens, tiles",
     [
         (128, torch.bfloat16, [2048, 5, 700, 1], "SHORT_DOCS"),
+        (128, torch.bfloat16, [2048, 5, 700, 1], "SHORT_DOCS_PACKED"),
         (80, torch.bfloat16, [2048, 5, 700, 1], "SHORT_DOCS"),
+        (80, torch.bfloat16, [2048, 5, 700, 1], "SHORT_DOCS_PACKED"),
         (64, torch.float16, [2048, 5, 700, 1], "SHORT_DOCS"),
         (64, torch.bfloat16, [4096, 3000, 20], "LONG_DOCS"),
     ],
@@ -70,8 +72,9 @@ def test_triton_attention_other_head_dims_dtypes_and_long_documents(head_dim, dt
 
     _needs("triton")
     torch.manual_seed(0)
-    T, N, K = sum(lens), 4, 2
-    meta = BACKENDS["triton"].prepare(_meta(lens))
+    T, K = sum(lens), 2
+    N = 8 if tiles == "SHORT_DOCS_PACKED" else 4
+    meta = BACKENDS["triton"].prepare(_meta(lens), N // K)
     assert meta.attn_extra.sizes == getattr(triton_attention, tiles)
     q32, k32, v32 = (torch.randn(T, n, head_dim, device="cuda") for n in (N, K, K))
     grad_out = torch.randn(T, N, head_dim, device="cuda")

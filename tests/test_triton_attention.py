@@ -42,6 +42,19 @@ def test_schedule_picks_long_document_tiles_from_the_length_mix():
     assert ta.schedule((8192, 50, 50), cpu).sizes == ta.LONG_DOCS  # most tokens sit in the long one
 
 
+@pytest.mark.parametrize("group, sizes", [(1, "SHORT_DOCS"), (3, "SHORT_DOCS"), (2, "SHORT_DOCS"),
+                                          (4, "SHORT_DOCS_PACKED"), (8, "SHORT_DOCS_PACKED")])  # fmt: skip
+def test_schedule_packs_heads_of_groups_of_four(group, sizes):
+    cpu = torch.device("cpu")
+    assert ta.schedule((300, 500, 40) * 10, cpu, group=group).sizes == getattr(ta, sizes)
+    assert ta.schedule((2048,) * 4, cpu, group=group).sizes == ta.LONG_DOCS
+
+
+def test_heads_per_program_is_the_largest_power_of_two_dividing_the_group():
+    assert [ta._pack(g, 4) for g in (1, 2, 3, 4, 6, 7, 8, 12)] == [1, 2, 1, 4, 2, 1, 4, 4]
+    assert [ta._pack(g, 1) for g in (1, 4, 8)] == [1, 1, 1]
+
+
 def test_bad_inputs_name_the_value_and_the_way_out():
     q = torch.zeros(4, 2, 512)
     with pytest.raises(ValueError, match="head dims up to 256, got 512"):
