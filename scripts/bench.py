@@ -859,8 +859,8 @@ def check_targets(report: dict) -> list[dict]:
         for budget in budgets:
             data = f"alpaca@{budget}"
             hf = _find(report, shape, data, "hf_padfree")
-            for system in ("ours_compiled", (best_eager(shape, data) or {}).get("system")):
-                ours = _find(report, shape, data, system) if system else None
+            for system in filter(None, ("ours_compiled", (best_eager(shape, data) or {}).get("system"))):
+                ours = _find(report, shape, data, system)
                 value = ours["peak_mem_gib"] / hf["peak_mem_gib"] if ours and hf and hf["peak_mem_gib"] else None
                 add(f"{shape} peak memory / hf_padfree @{budget}", value, 0.5, system)
         if compiled and "recompiles_after_warmup" in compiled:
@@ -897,7 +897,8 @@ def print_tables(report: dict) -> None:
     for t in report.get("targets", []):
         v = "n/a" if t["value"] is None else (f"{t['value']:.2f}" if isinstance(t["value"], float) else t["value"])
         met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
-        print(f"| {t['target']} ({t['system']}) | {v} | {t['goal']} | {met} |")
+        system = f" ({t['system']})" if t["system"] else ""
+        print(f"| {t['target']}{system} | {v} | {t['goal']} | {met} |")
     print(f"\nwall time {report.get('wall_s', 0):.0f} s")
 
 
