@@ -4,7 +4,7 @@ Shape legend: T tokens, N query heads, K key/value heads (N % K == 0, G = N // K
 P tiles of a schedule.
 
 FlashAttention's tiling (online softmax forward; backward in two passes that recompute the
-probabilities: one per key block for dK/dV, one per query block for dQ), with three choices made
+probabilities: one per key block for dK/dV, one per query block for dQ), with four choices made
 for batches of many short documents, where each document fills only a few tiles, so tile set-up and
 the masked diagonal weigh more than on long sequences:
 
@@ -12,15 +12,17 @@ the masked diagonal weigh more than on long sequences:
   (tile start, document start, document end), longest first, from the document lengths the unpad
   step already copied to the host. No program is launched for a tile outside every document, and
   tiles start at their document's first token, so no tile straddles two documents.
-- Small tiles (64 queries x 64 keys, `SHORT_DOCS`): a document of a few hundred tokens wastes less
-  of each tile, and only the blocks that cross the diagonal are masked. Batches of long documents
+- Small tiles (64 queries x 64 keys, `SHORT_DOCS`; 32 x 32 when heads are packed,
+  `SHORT_DOCS_PACKED`): a document of a few hundred tokens wastes less of each tile, and only the
+  blocks that cross the diagonal are masked. Batches of long documents
   get larger tiles (`LONG_DOCS`).
 - A dK/dV program owns one key/value head and loops over the G query heads that share it, so GQA
   needs no expanded `[T,N,H]` key gradients and no reduction afterwards.
 - Query heads that share a key/value head are packed into one program (`TileSizes.pack`): the
   forward and dQ programs stack `pack` heads' rows of one token tile, the dK/dV steps `pack` heads'
-  queries, so each key/value block loaded feeds `pack` times the product rows. Row r of a packed
-  block is token `r % BLOCK_M` of head `r // BLOCK_M`.
+  queries, so each key/value block loaded feeds `pack` times the product rows, and small token
+  tiles still make large products. Row r of a packed block is token `r % BLOCK_M` of head
+  `r // BLOCK_M`.
 
 Log-sum-exps are kept in base 2 (`exp2` on scores scaled by `scale * log2(e)`), fp32, `[N,T]`.
 Inputs are bf16, fp16 or fp32 (fp32 products in full precision, not TF32). With
