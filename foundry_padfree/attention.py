@@ -133,6 +133,8 @@ def _flex_prepare(meta: VarlenMeta, group: int = 1) -> VarlenMeta:
     doc_T = meta.doc_ids_T()
 
     def document_causal(b, h, q_idx, kv_idx):
+        # In a partial last block flex's kernels wrap indices modulo T before calling this
+        # (`get_bounded_indices`), so doc_T is never read past its end.
         return (doc_T[q_idx] == doc_T[kv_idx]) & (q_idx >= kv_idx)
 
     T = meta.num_tokens
