@@ -352,31 +352,57 @@ def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: Til
 def _backward(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, s: TileSizes, scale: float):
     """dQ (T, N, H), dK and dV (T, K, H) from the forward's inputs, outputs and log-sum-exps."""
     do_TNH = _unit_last_stride(do_TNH)
-    T, N, H = q_TNH.shape
-    K = k_TKH.shape[1]
-    dq_TNH, dk_TKH, dv_TKH = q_TNH.new_empty(T, N, H), k_TKH.new_empty(T, K, H), v_TKH.new_empty(T, K, H)
-    if T == 0:
-        return dq_TNH, dk_TKH, dv_TKH
-    delta_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
+    if q_TNH.shape[0] == 0:
+        return q_TNH.new_empty(q_TNH.shape), k_TKH.new_empty(k_TKH.shape), v_TKH.new_empty(v_TKH.shape)
+    delta_NT = _row_terms(o_TNH, do_TNH)
+    dk_TKH, dv_TKH = _dkdv(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dkdv_P4, s, scale)
+    return _dq(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dq_P4, s, scale), dk_TKH, dv_TKH
+
+
+def _row_terms(o_TNH: Tensor, do_TNH: Tensor) -> Tensor:
+    """(N, T) fp32 row terms of the softmax backward, sum_h Out * dOut."""
+    T, N, H = o_TNH.shape
+    delta_NT = torch.empty(N, T, dtype=torch.float32, device=o_TNH.device)
     block_t = 64
     _delta_kernel[(N, triton.cdiv(T, block_t))](
         o_TNH, do_TNH, delta_NT, *o_TNH.stride()[:2], *do_TNH.stride()[:2], T,
         HEAD_DIM=H, BLOCK_D=_block_d(H), BLOCK_T=block_t,
     )  # fmt: skip
+    return delta_NT
+
+
+def _common(q_TNH: Tensor, k_TKH: Tensor, s: TileSizes) -> tuple[int, dict]:
+    N, H, K = q_TNH.shape[1], q_TNH.shape[2], k_TKH.shape[1]
     pack = _pack(N // K, s.pack)
-    common = dict(HEAD_DIM=H, GROUP=N // K, PACK=pack, BLOCK_D=_block_d(H), PRECISION=_precision(q_TNH.dtype))
-    strides = (*q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2])
-    _dkdv_kernel[(K, len(dkdv_P4))](
+    return pack, dict(HEAD_DIM=H, GROUP=N // K, PACK=pack, BLOCK_D=_block_d(H), PRECISION=_precision(q_TNH.dtype))
+
+
+def _dkdv(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dkdv_P4, s: TileSizes, scale: float):
+    """dK and dV (T, K, H): the dK/dV kernel alone."""
+    T, _, H = q_TNH.shape
+    dk_TKH, dv_TKH = k_TKH.new_empty(k_TKH.shape), v_TKH.new_empty(v_TKH.shape)
+    _, common = _common(q_TNH, k_TKH, s)
+    _dkdv_kernel[(k_TKH.shape[1], len(dkdv_P4))](
         q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dk_TKH, dv_TKH, dkdv_P4,
-        *strides, *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], T, scale * _LOG2_E, scale,
+        *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2],
+        *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], T, scale * _LOG2_E, scale,
         BLOCK_M=s.dkdv_m, BLOCK_N=s.dkdv_n, num_warps=_warps(H, s.dkdv_n), num_stages=s.dkdv_stages, **common,
     )  # fmt: skip
+    return dk_TKH, dv_TKH
+
+
+def _dq(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dq_P4, s: TileSizes, scale: float) -> Tensor:
+    """dQ (T, N, H): the dQ kernel alone."""
+    T, N, H = q_TNH.shape
+    dq_TNH = q_TNH.new_empty(q_TNH.shape)
+    pack, common = _common(q_TNH, k_TKH, s)
     _dq_kernel[(N // pack, len(dq_P4))](
         q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dq_TNH, dq_P4,
-        *strides, *dq_TNH.stride()[:2], T, scale * _LOG2_E, scale,
+        *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2],
+        *dq_TNH.stride()[:2], T, scale * _LOG2_E, scale,
         BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, num_warps=_warps(H, pack * s.dq_m), num_stages=s.dq_stages, **common,
     )  # fmt: skip
-    return dq_TNH, dk_TKH, dv_TKH
+    return dq_TNH
 
 
 class _VarlenAttention(torch.autograd.Function):

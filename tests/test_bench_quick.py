@@ -99,6 +99,25 @@ def test_attention_bench_quick_runs_and_reports(tmp_path):
     assert rows[1]["docs"] == 4  # 256 tokens in documents of 64
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_attention_tile_sweep_quick_runs_every_variant_to_the_presets_result(tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "tiles.json"
+    script = ROOT / "scripts" / "sweep_attention_tiles.py"
+    run = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["preset"]["pack"] == 4  # 4 query heads per key/value head: the packed preset
+    for kernel, rows in report["results"].items():
+        # The preset first, then 1, 2 and 4 packed heads on the quick grid; all measured, all equal.
+        assert [r["sizes"]["pack"] for r in rows] == [4, 1, 2, 4], kernel
+        assert all(0 < r["ms"] < math.inf and r["max_diff"] < 1e-5 for r in rows), rows
+
+
 def test_products_bench_quick_counts_every_product_of_a_step(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_products", ROOT / "scripts" / "bench_products.py")
     products = importlib.util.module_from_spec(spec)
