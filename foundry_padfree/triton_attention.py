@@ -67,6 +67,7 @@ SHORT_DOCS = TileSizes()
 # which waste less of each short document than 64-token tiles), 4 heads' 16 queries per dK/dV step.
 SHORT_DOCS_PACKED = TileSizes(fwd_m=32, fwd_n=32, dkdv_m=16, dq_m=32, dkdv_stages=3, dq_stages=3, pack=4)
 LONG_DOCS = TileSizes(fwd_m=128, dkdv_n=128, dkdv_m=32, dkdv_stages=3)
+FWD_STAGES = 3  # software-pipeline stages of the forward kernel (every preset)
 # Tokens whose documents are this long on average (sum len^2 / sum len) take the LONG_DOCS tiles.
 LONG_DOC_TOKENS = 2048
 
@@ -333,18 +334,15 @@ def _pack(group: int, most: int) -> int:
 def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: TileSizes, scale: float):
     """Outputs (T, N, H) and base-2 log-sum-exps (N, T) fp32 of the forward kernel."""
     T, N, H = q_TNH.shape
-    K = k_TKH.shape[1]
     o_TNH = q_TNH.new_empty(T, N, H)
     lse_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
     if len(fwd_P4):
-        pack = _pack(N // K, s.pack)
+        pack, common = _common(q_TNH, k_TKH, s)
         _fwd_kernel[(N // pack, len(fwd_P4))](
             q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, fwd_P4,
             *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *o_TNH.stride()[:2],
             T, scale * _LOG2_E,
-            HEAD_DIM=H, GROUP=N // K, PACK=pack, BLOCK_D=_block_d(H), BLOCK_M=s.fwd_m, BLOCK_N=s.fwd_n,
-            PRECISION=_precision(q_TNH.dtype),
-            num_warps=_warps(H, pack * s.fwd_m), num_stages=3,
+            BLOCK_M=s.fwd_m, BLOCK_N=s.fwd_n, num_warps=_warps(H, pack * s.fwd_m), num_stages=FWD_STAGES, **common,
         )  # fmt: skip
     return o_TNH, lse_NT
 
@@ -372,6 +370,7 @@ def _row_terms(o_TNH: Tensor, do_TNH: Tensor) -> Tensor:
 
 
 def _common(q_TNH: Tensor, k_TKH: Tensor, s: TileSizes) -> tuple[int, dict]:
+    """Heads packed per program, and the compile-time arguments every attention kernel shares."""
     N, H, K = q_TNH.shape[1], q_TNH.shape[2], k_TKH.shape[1]
     pack = _pack(N // K, s.pack)
     return pack, dict(HEAD_DIM=H, GROUP=N // K, PACK=pack, BLOCK_D=_block_d(H), PRECISION=_precision(q_TNH.dtype))

@@ -77,15 +77,16 @@ def sweep(lens: tuple[int, ...], heads: tuple[int, int, int], device, dtype, rep
     q, do = (torch.randn(T, N, H, device=device, dtype=dtype, generator=g) for _ in range(2))
     k, v = (torch.randn(T, K, H, device=device, dtype=dtype, generator=g) for _ in range(2))
     scale = H**-0.5
-    preset = ta.schedule(lens, device, group=N // K).sizes
-    o, lse = ta._forward(q, k, v, ta.schedule(lens, device, preset).fwd_P4, preset, scale)
+    tiles = ta.schedule(lens, device, group=N // K)
+    preset = tiles.sizes
+    o, lse = ta._forward(q, k, v, tiles.fwd_P4, preset, scale)
     inputs = dict(lens=lens, q=q, k=k, v=v, do=do, lse=lse, delta=ta._row_terms(o, do))
     packs = [p for p in (1, 2, 4, 8) if (N // K) % p == 0]
     results = {}
     for kernel in ("fwd", "dkdv", "dq"):
-        _, reference = run_kernel(kernel, preset, inputs, scale)
-        rows = []
-        for sizes in [preset] + [s for s in variants(kernel, preset, packs, grids) if s != preset]:
+        call, reference = run_kernel(kernel, preset, inputs, scale)  # the preset first, the reference
+        rows = [dict(sizes=preset._asdict(), ms=time_ms(call, device, reps), max_diff=0.0)]
+        for sizes in [s for s in variants(kernel, preset, packs, grids) if s != preset]:
             try:
                 call, outs = run_kernel(kernel, sizes, inputs, scale)
                 ms = time_ms(call, device, reps)
@@ -110,7 +111,7 @@ def print_table(report: dict, top: int) -> None:
         base = rows[0]["ms"]
         for i, r in enumerate([rows[0], *[r for r in ok if r is not rows[0]][:top]]):
             s = r["sizes"]
-            queries, keys_, stages = (s[k] if k else 3 for k in keys[kernel])
+            queries, keys_, stages = (s[k] if k else ta.FWD_STAGES for k in keys[kernel])
             name = f"{kernel} (preset)" if i == 0 else kernel
             print(f"| {name} | {s['pack']} | {queries} | {keys_} | {stages} | {r['ms']:.3f} | "
                   f"{base / r['ms']:.2f}x | {r['max_diff']:.1e} |")  # fmt: skip
