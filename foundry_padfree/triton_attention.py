@@ -82,6 +82,9 @@ class Schedules(NamedTuple):
     dkdv_P4: Tensor
     dq_P4: Tensor
     sizes: TileSizes
+    # The same sizes as a host int64 tensor, for the operator below: an input of a compiled graph
+    # rather than constants in it, so a batch that takes other tiles does not recompile it.
+    sizes_cpu: Tensor
 
 
 def _tiles(doc_lens: np.ndarray, starts: np.ndarray, block: int, queries: bool) -> np.ndarray:
@@ -121,8 +124,10 @@ def schedule(
         host = host.pin_memory()
     all_P4 = host.to(device, non_blocking=True)
     bounds = np.cumsum([0] + [len(p) for p in parts])
-    views = {kind: all_P4[bounds[i] : bounds[i + 1]] for i, kind in enumerate(unique)}
-    return Schedules(*(views[kind] for kind in kinds), sizes)
+    spans = {kind: slice(bounds[i], bounds[i + 1]) for i, kind in enumerate(unique)}
+    # One view per kernel even where two share their tiles: torch.compile guards on whether two
+    # inputs are the same object, and a batch whose tiles differ would recompile the graph.
+    return Schedules(*(all_P4[spans[kind]] for kind in kinds), sizes, torch.tensor(sizes, dtype=torch.int64))
 
 
 if HAS_TRITON:
@@ -429,33 +434,34 @@ if HAS_TRITON:
     @torch.library.custom_op("foundry_padfree::varlen_attention", mutates_args=())
     def _attention_op(
         q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, dkdv_P4: Tensor, dq_P4: Tensor,
-        sizes: list[int], scale: float,
+        sizes_cpu: Tensor, scale: float,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        return _forward(q_TNH, k_TKH, v_TKH, fwd_P4, TileSizes(*sizes), scale)
+        return _forward(q_TNH, k_TKH, v_TKH, fwd_P4, TileSizes(*sizes_cpu.tolist()), scale)
 
     @_attention_op.register_fake
-    def _(q_TNH, k_TKH, v_TKH, fwd_P4, dkdv_P4, dq_P4, sizes, scale):
+    def _(q_TNH, k_TKH, v_TKH, fwd_P4, dkdv_P4, dq_P4, sizes_cpu, scale):
         T, N, H = q_TNH.shape
         return q_TNH.new_empty(T, N, H), q_TNH.new_empty(N, T, dtype=torch.float32)
 
     @torch.library.custom_op("foundry_padfree::varlen_attention_backward", mutates_args=())
     def _attention_backward_op(
         do_TNH: Tensor, q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, o_TNH: Tensor, lse_NT: Tensor,
-        dkdv_P4: Tensor, dq_P4: Tensor, sizes: list[int], scale: float,
+        dkdv_P4: Tensor, dq_P4: Tensor, sizes_cpu: Tensor, scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        return _backward(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, TileSizes(*sizes), scale)
+        sizes = TileSizes(*sizes_cpu.tolist())
+        return _backward(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, sizes, scale)
 
     @_attention_backward_op.register_fake
-    def _(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, sizes, scale):
+    def _(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, sizes_cpu, scale):
         return q_TNH.new_empty(q_TNH.shape), k_TKH.new_empty(k_TKH.shape), v_TKH.new_empty(v_TKH.shape)
 
     def _setup_context(ctx, inputs, output):
-        q_TNH, k_TKH, v_TKH, _, dkdv_P4, dq_P4, sizes, scale = inputs
-        ctx.save_for_backward(q_TNH, k_TKH, v_TKH, *output, dkdv_P4, dq_P4)
-        ctx.sizes, ctx.scale = sizes, scale
+        q_TNH, k_TKH, v_TKH, _, dkdv_P4, dq_P4, sizes_cpu, scale = inputs
+        ctx.save_for_backward(q_TNH, k_TKH, v_TKH, *output, dkdv_P4, dq_P4, sizes_cpu)
+        ctx.scale = scale
 
     def _attention_op_backward(ctx, do_TNH: Tensor, _dlse):
-        dq_TNH, dk_TKH, dv_TKH = _attention_backward_op(do_TNH, *ctx.saved_tensors, ctx.sizes, ctx.scale)
+        dq_TNH, dk_TKH, dv_TKH = _attention_backward_op(do_TNH, *ctx.saved_tensors, ctx.scale)
         return dq_TNH, dk_TKH, dv_TKH, None, None, None, None, None
 
     _attention_op.register_autograd(_attention_op_backward, setup_context=_setup_context)
@@ -497,7 +503,6 @@ def varlen_attention(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, tiles: Schedul
     check_inputs(q_TNH, k_TKH, v_TKH)
     q_TNH, k_TKH, v_TKH = (_unit_last_stride(t) for t in (q_TNH, k_TKH, v_TKH))
     if torch.compiler.is_compiling():
-        sizes = [*tiles.sizes]
-        o_TNH, _ = _attention_op(q_TNH, k_TKH, v_TKH, tiles.fwd_P4, tiles.dkdv_P4, tiles.dq_P4, sizes, scale)
+        o_TNH, _ = _attention_op(q_TNH, k_TKH, v_TKH, tiles.fwd_P4, tiles.dkdv_P4, tiles.dq_P4, tiles.sizes_cpu, scale)
         return o_TNH
     return _VarlenAttention.apply(q_TNH, k_TKH, v_TKH, tiles, scale)

@@ -235,10 +235,13 @@ def test_triton_attention_takes_strided_views_without_copying(monkeypatch):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["one_graph", "graph_per_layer"])
-def test_compiled_layers_trace_the_triton_attention_without_a_graph_break(checkpointing):
+def test_compiled_layers_trace_the_triton_attention_without_a_graph_break(checkpointing, monkeypatch):
     # Inside torch.compile the kernels run as the `foundry_padfree::varlen_attention` operator: the
-    # whole stack is one graph (one per layer under gradient checkpointing), the tile lists its
-    # inputs. Same loss and gradients as eager; another layout and token count reuse the graphs.
+    # whole stack is one graph (one per layer under gradient checkpointing), the tile lists and
+    # sizes its inputs. Same loss and gradients as eager; another layout and token count, and a
+    # batch that takes the long-document tiles, reuse the graphs.
+    from foundry_padfree import triton_attention as ta
+
     torch._dynamo.reset()
     batch = packed_lm_batch()
     eager_loss, eager_grads = loss_and_grads(tiny_model(attn_backend="triton").train(), batch)
@@ -258,6 +261,10 @@ def test_compiled_layers_trace_the_triton_attention_without_a_graph_break(checkp
     assert graphs == (2 if checkpointing else 1), graphs
     loss_and_grads(compiled, {k: v[:, 3:] for k, v in batch.items()})
     assert counters["stats"]["unique_graphs"] == graphs
+    monkeypatch.setattr(ta, "LONG_DOC_TOKENS", 1)  # every batch now takes LONG_DOCS
+    long_loss, _ = loss_and_grads(compiled, batch)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(long_loss, eager_loss, **FP32_TOL)
 
 
 def test_the_attention_operator_passes_opcheck():
@@ -265,4 +272,4 @@ def test_the_attention_operator_passes_opcheck():
 
     meta, (q, k, v), _ = _attention_case([5, 33, 1], 4, 2, 16, torch.float32)
     tiles = ta.schedule(meta.doc_lens, q.device, ta.TileSizes(**SMALL_TILES))
-    torch.library.opcheck(ta._attention_op, (q, k, v, *tiles[:3], list(tiles.sizes), 0.25))
+    torch.library.opcheck(ta._attention_op, (q, k, v, *tiles[:3], tiles.sizes_cpu, 0.25))
