@@ -66,14 +66,16 @@ def _addmm_takes_out_dtype() -> bool:
     return bool((acc == 2).all())
 
 
-def _accumulate_mm(acc_VD: Tensor, a_VC: Tensor, b_CD: Tensor) -> Tensor:
+def _accumulate_mm(acc_VD: Tensor, a_VC: Tensor, b_CD: Tensor, overwrite: bool = False) -> Tensor:
     """acc += a @ b in place, in acc's (fp32) precision, without a low-precision `[V,D]` product
-    when torch can. In place: an out-of-place `addmm` would first copy the whole `[V,D]` fp32 acc."""
+    when torch can. In place: an out-of-place `addmm` would first copy the whole `[V,D]` fp32 acc.
+    `overwrite`: acc = a @ b instead, without reading acc (which may be uninitialized)."""
+    beta = 0.0 if overwrite else 1.0
     if a_VC.dtype == acc_VD.dtype:
-        return acc_VD.addmm_(a_VC, b_CD)
+        return acc_VD.addmm_(a_VC, b_CD, beta=beta)
     if acc_VD.is_cuda and _addmm_takes_out_dtype():
-        return torch.addmm(acc_VD, a_VC, b_CD, out_dtype=acc_VD.dtype, out=acc_VD)
-    return acc_VD.add_(a_VC @ b_CD)
+        return torch.addmm(acc_VD, a_VC, b_CD, beta=beta, out_dtype=acc_VD.dtype, out=acc_VD)
+    return acc_VD.copy_(a_VC @ b_CD) if overwrite else acc_VD.add_(a_VC @ b_CD)
 
 
 def linear_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -96,7 +98,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     ) -> Tensor:
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_TD.device)
         grad_h_TD = torch.empty_like(h_TD) if need_grad else None
-        grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32) if need_grad else None
+        # The first chunk's product overwrites the fp32 accumulator: no zero-fill of `[V,D]`.
+        grad_w_VD = None
+        if need_grad:
+            grad_w_VD = (torch.empty_like if h_TD.shape[0] else torch.zeros_like)(w_VD, dtype=torch.float32)
         ctx.w_dtype = w_VD.dtype
         # Under autocast the head runs in the autocast dtype, as nn.Linear would; casts are explicit
         # below so that every product has one input dtype.
@@ -127,7 +132,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     # zeroed on the [C,D] sides of the two products, not on the [C,V] gradient.
                     keep_C1 = valid_C[:, None].to(h_CD.dtype)
                     torch.mul(g_CV @ w_VD, keep_C1, out=grad_h_TD[start : start + chunk])
-                    grad_w_VD = _accumulate_mm(grad_w_VD, g_CV.t(), h_CD * keep_C1)
+                    grad_w_VD = _accumulate_mm(grad_w_VD, g_CV.t(), h_CD * keep_C1, overwrite=start == 0)
         ctx.save_for_backward(grad_h_TD, grad_w_VD)
         return loss_sum
 
@@ -135,7 +140,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         grad_h_TD, grad_w_VD = ctx.saved_tensors
         grad_h = grad_h_TD * grad_loss.to(grad_h_TD.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (grad_w_VD * grad_loss).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # scaled and cast in one pass over the fp32 `[V,D]`
+            grad_w = torch.mul(grad_w_VD, grad_loss, out=torch.empty_like(grad_w_VD, dtype=ctx.w_dtype))
         return grad_h, grad_w, None, None, None, None, None
 
 

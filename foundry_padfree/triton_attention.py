@@ -14,8 +14,8 @@ the masked diagonal weigh more than on long sequences:
   tiles start at their document's first token, so no tile straddles two documents.
 - Small tiles (64 queries x 64 keys, `SHORT_DOCS`; 32 x 32 when heads are packed,
   `SHORT_DOCS_PACKED`): a document of a few hundred tokens wastes less of each tile, and only the
-  blocks that cross the diagonal are masked. Batches of long documents
-  get larger tiles (`LONG_DOCS`).
+  blocks that cross the diagonal are masked. Batches of long documents get other tiles
+  (`LONG_DOCS`, `LONG_DOCS_PACKED`).
 - A dK/dV program owns one key/value head and loops over the G query heads that share it, so GQA
   needs no expanded `[T,N,H]` key gradients and no reduction afterwards.
 - Query heads that share a key/value head are packed into one program (`TileSizes.pack`): the
@@ -49,7 +49,8 @@ class TileSizes(NamedTuple):
     """Tokens per tile, software-pipeline stages and packed heads of the three kernels. The presets
     were the fastest of sweeps on an H200 (head dim 64, 32/8 and 9/3 heads): the alpaca_eval length
     mix (`SHORT_DOCS`, and `SHORT_DOCS_PACKED` for groups of 4, 8, ... query heads per key/value
-    head), and documents of 2k to 32k tokens (`LONG_DOCS`). The interpreter tests shrink them."""
+    head), and documents of 2k to 32k tokens (`LONG_DOCS`, `LONG_DOCS_PACKED`). The interpreter
+    tests shrink them."""
 
     fwd_m: int = 64  # query rows per forward program
     fwd_n: int = 64  # keys per forward step
@@ -67,6 +68,8 @@ SHORT_DOCS = TileSizes()
 # which waste less of each short document than 64-token tiles), 4 heads' 16 queries per dK/dV step.
 SHORT_DOCS_PACKED = TileSizes(fwd_m=32, fwd_n=32, dkdv_m=16, dq_m=32, dkdv_stages=3, dq_stages=3, pack=4)
 LONG_DOCS = TileSizes(fwd_m=128, dkdv_n=128, dkdv_m=32, dkdv_stages=3)
+# Packed on long documents: 128-row forward and dQ products, 4 heads' 32 queries per dK/dV step.
+LONG_DOCS_PACKED = TileSizes(fwd_m=32, dkdv_m=32, dq_m=32, dq_stages=3, pack=4)
 FWD_STAGES = 3  # software-pipeline stages of the forward kernel (every preset)
 # Tokens whose documents are this long on average (sum len^2 / sum len) take the LONG_DOCS tiles.
 LONG_DOC_TOKENS = 2048
@@ -108,13 +111,16 @@ def schedule(
 
     One host-to-device copy (no sync); built once per forward and shared by every layer. Without
     `sizes`, the tiles suit the batch: `LONG_DOCS` when its tokens sit in documents of
-    `LONG_DOC_TOKENS` or more on (token-weighted) average, else `SHORT_DOCS_PACKED` when `group` is
-    a multiple of its 4 packed heads, else `SHORT_DOCS`."""
+    `LONG_DOC_TOKENS` or more on (token-weighted) average, else `SHORT_DOCS`; their `_PACKED` twins
+    when `group` is a multiple of the 4 heads they pack."""
     lens = np.asarray(doc_lens, dtype=np.int64)
     if sizes is None:
         long_docs = (lens * lens).sum() >= LONG_DOC_TOKENS * max(1, lens.sum())
-        packs = _pack(group, SHORT_DOCS_PACKED.pack) == SHORT_DOCS_PACKED.pack
-        sizes = LONG_DOCS if long_docs else SHORT_DOCS_PACKED if packs else SHORT_DOCS
+        packs = group % SHORT_DOCS_PACKED.pack == 0
+        if long_docs:
+            sizes = LONG_DOCS_PACKED if packs else LONG_DOCS
+        else:
+            sizes = SHORT_DOCS_PACKED if packs else SHORT_DOCS
     starts = np.cumsum(lens) - lens
     kinds = [(sizes.fwd_m, True), (sizes.dkdv_n, False), (sizes.dq_m, True)]
     unique = list(dict.fromkeys(kinds))  # the forward and dQ tiles coincide when their sizes do

@@ -182,7 +182,7 @@ def test_triton_attention_matches_per_document_sdpa(pack, dtype, lens, N, K_head
         torch.testing.assert_close(g.float(), g_ref, **tol, msg=f"d{name}")
 
 
-@pytest.mark.parametrize("preset", ["SHORT_DOCS", "SHORT_DOCS_PACKED", "LONG_DOCS"])
+@pytest.mark.parametrize("preset", ["SHORT_DOCS", "SHORT_DOCS_PACKED", "LONG_DOCS", "LONG_DOCS_PACKED"])
 def test_triton_attention_with_the_shipped_tiles(preset):
     # Tiles larger than most documents, and a document spanning two tiles of each kernel.
     from foundry_padfree import triton_attention as ta

@@ -65,6 +65,8 @@ def test_kernel_forward_and_backward_against_fp32_reference(backend, kv_heads):
         (80, torch.bfloat16, [2048, 5, 700, 1], "SHORT_DOCS_PACKED"),
         (64, torch.float16, [2048, 5, 700, 1], "SHORT_DOCS"),
         (64, torch.bfloat16, [4096, 3000, 20], "LONG_DOCS"),
+        (64, torch.bfloat16, [4096, 3000, 20], "LONG_DOCS_PACKED"),
+        (128, torch.bfloat16, [4096, 3000, 20], "LONG_DOCS_PACKED"),
     ],
 )
 def test_triton_attention_other_head_dims_dtypes_and_long_documents(head_dim, dtype, lens, tiles):
@@ -73,7 +75,7 @@ def test_triton_attention_other_head_dims_dtypes_and_long_documents(head_dim, dt
     _needs("triton")
     torch.manual_seed(0)
     T, K = sum(lens), 2
-    N = 8 if tiles == "SHORT_DOCS_PACKED" else 4
+    N = 8 if tiles.endswith("_PACKED") else 4
     meta = BACKENDS["triton"].prepare(_meta(lens), N // K)
     assert meta.attn_extra.sizes == getattr(triton_attention, tiles)
     q32, k32, v32 = (torch.randn(T, n, head_dim, device="cuda") for n in (N, K, K))

@@ -37,6 +37,10 @@ def test_sum_reduction_and_no_targets():
     assert empty.item() == 0.0 and int(count) == 0  # an empty microbatch adds nothing, not NaN
     empty.backward()
     assert torch.all(h.grad == 0)
+    w.requires_grad_()  # no token at all: no chunk runs, the head's gradient is still zeros
+    none, count = linear_cross_entropy(h[:0], w, targets[:0], chunk=2)
+    none.backward()
+    assert none.item() == 0.0 and int(count) == 0 and torch.all(w.grad == 0)
 
 
 def test_unknown_reduction():

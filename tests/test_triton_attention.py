@@ -42,12 +42,12 @@ def test_schedule_picks_long_document_tiles_from_the_length_mix():
     assert ta.schedule((8192, 50, 50), cpu).sizes == ta.LONG_DOCS  # most tokens sit in the long one
 
 
-@pytest.mark.parametrize("group, sizes", [(1, "SHORT_DOCS"), (3, "SHORT_DOCS"), (2, "SHORT_DOCS"),
-                                          (4, "SHORT_DOCS_PACKED"), (8, "SHORT_DOCS_PACKED")])  # fmt: skip
-def test_schedule_packs_heads_of_groups_of_four(group, sizes):
+@pytest.mark.parametrize("group, packed", [(1, False), (3, False), (2, False), (6, False), (4, True), (8, True)])
+def test_schedule_packs_heads_of_groups_of_four(group, packed):
     cpu = torch.device("cpu")
-    assert ta.schedule((300, 500, 40) * 10, cpu, group=group).sizes == getattr(ta, sizes)
-    assert ta.schedule((2048,) * 4, cpu, group=group).sizes == ta.LONG_DOCS
+    short, long = (ta.SHORT_DOCS_PACKED, ta.LONG_DOCS_PACKED) if packed else (ta.SHORT_DOCS, ta.LONG_DOCS)
+    assert ta.schedule((300, 500, 40) * 10, cpu, group=group).sizes == short
+    assert ta.schedule((2048,) * 4, cpu, group=group).sizes == long
 
 
 def test_heads_per_program_is_the_largest_power_of_two_dividing_the_group():
