@@ -71,7 +71,7 @@ LONG_DOCS = TileSizes(fwd_m=128, dkdv_n=128, dkdv_m=32, dkdv_stages=3)
 # Packed on long documents: 128-row forward and dQ products, 4 heads' 32 queries per dK/dV step.
 LONG_DOCS_PACKED = TileSizes(fwd_m=32, dkdv_m=32, dq_m=32, dq_stages=3, pack=4)
 FWD_STAGES = 3  # software-pipeline stages of the forward kernel (every preset)
-# Tokens whose documents are this long on average (sum len^2 / sum len) take the LONG_DOCS tiles.
+# Tokens whose documents are this long on average (sum len^2 / sum len) take the long-document tiles.
 LONG_DOC_TOKENS = 2048
 
 
