@@ -9,6 +9,7 @@ result (the same sums in another order):
 
     python scripts/sweep_attention_tiles.py --out runs/tiles.json                  # 1B heads, alpaca mix
     python scripts/sweep_attention_tiles.py --docs 2048 --out runs/tiles-2048.json
+    python scripts/sweep_attention_tiles.py --head-dim 128 --out runs/tiles-h128.json  # Llama-3-8B's heads
     TRITON_INTERPRET=1 python scripts/sweep_attention_tiles.py --quick            # tiny CPU run (a test)
 """
 
@@ -33,7 +34,7 @@ from foundry_padfree import triton_attention as ta
 # Grids per kernel: (field, values). Variants whose packed rows fall outside ROWS are skipped.
 GRIDS = {
     "fwd": {"fwd_m": (16, 32, 64, 128), "fwd_n": (32, 64, 128)},
-    "dkdv": {"dkdv_m": (16, 32, 64), "dkdv_n": (64, 128), "dkdv_stages": (2, 3)},  # keys per program
+    "dkdv": {"dkdv_m": (16, 32, 64), "dkdv_n": (32, 64, 128), "dkdv_stages": (2, 3)},  # keys per program
     "dq": {"dq_m": (16, 32, 64), "dq_n": (32, 64), "dq_stages": (2, 3)},
 }
 QUICK_GRIDS = {
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path)
     p.add_argument("--shape", default="llama3.2-1b", choices=sorted(SHAPES))
+    p.add_argument("--head-dim", type=int, default=None, help="the shape's heads at another head dim")
     p.add_argument("--docs", default="alpaca", help="'alpaca' or a document length in tokens")
     p.add_argument("--budget", type=int, default=32768, help="tokens in the batch")
     p.add_argument("--reps", type=int, default=20)
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.shape, docs = "tiny", "documents of 5, 33, 1, 20"
     else:
         N, K, H, _ = heads_of(args.shape)
+        H = args.head_dim or H
         heads, dtype, reps, grids = (N, K, H), torch.bfloat16, args.reps, GRIDS
         if args.docs == "alpaca":
             mix = mix_steps(alpaca_docs(DEFAULT_DATA, 2048), [args.budget], seed=0)[0]
