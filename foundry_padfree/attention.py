@@ -7,8 +7,8 @@ tokens over its own tokens only:
 
     attend(q_TNH, k_TKH, v_TKH, meta, scale) -> o_TNH
 
-- `triton`: our Triton kernels (`triton_attention`), tiled for many short documents; CUDA, or
-  any device under `TRITON_INTERPRET=1` (tests).
+- `triton`: our Triton kernels (`triton_attention`), tiled for many short documents, head dims
+  up to 128; CUDA, or any device under `TRITON_INTERPRET=1` (tests).
 - `flash_attn`: flash-attn's `flash_attn_varlen_func` (CUDA, when installed).
 - `torch_varlen`: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA). Its signature
   changed between releases; `_torch_varlen_kwargs` reads it once.
@@ -38,8 +38,9 @@ from foundry_padfree.varlen import VarlenMeta
 class Backend(NamedTuple):
     name: str
     attend: Callable[[Tensor, Tensor, Tensor, VarlenMeta, float], Tensor]
-    # (meta, query heads per key/value head) -> meta; once per forward, see the module docstring.
-    prepare: Callable[[VarlenMeta, int], VarlenMeta] = lambda meta, group=1: meta
+    # (meta, query heads per key/value head, head dim) -> meta; once per forward, see the module
+    # docstring.
+    prepare: Callable[[VarlenMeta, int, int], VarlenMeta] = lambda meta, group=1, head_dim=64: meta
     # `attend` from `meta.attn_extra` alone (q, k, v, attn_extra, scale), for backends whose
     # prepared metadata is all tensors: torch.compile traces it inside a layer's graph.
     traceable: Callable[[Tensor, Tensor, Tensor, object, float], Tensor] | None = None
@@ -127,7 +128,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _flex_prepare(meta: VarlenMeta, group: int = 1) -> VarlenMeta:
+def _flex_prepare(meta: VarlenMeta, group: int = 1, head_dim: int = 64) -> VarlenMeta:
     from torch.nn.attention.flex_attention import create_block_mask
 
     doc_T = meta.doc_ids_T()
@@ -150,8 +151,9 @@ def _flex_attend(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, meta: VarlenMeta, 
     return o_1NTH.squeeze(0).transpose(0, 1)
 
 
-def _triton_prepare(meta: VarlenMeta, group: int = 1) -> VarlenMeta:
-    schedules = triton_attention.schedule(meta.doc_lens, meta.cu_seqlens_N1.device, group=group)
+def _triton_prepare(meta: VarlenMeta, group: int = 1, head_dim: int = 64) -> VarlenMeta:
+    device = meta.cu_seqlens_N1.device
+    schedules = triton_attention.schedule(meta.doc_lens, device, group=group, head_dim=head_dim)
     return meta._replace(attn_extra=schedules)
 
 
@@ -167,7 +169,9 @@ def _eager_flex():
 
 
 BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", _triton_attend, _triton_prepare, triton_attention.varlen_attention, 256),
+    "triton": Backend(
+        "triton", _triton_attend, _triton_prepare, triton_attention.varlen_attention, triton_attention.MAX_HEAD_DIM
+    ),
     "flash_attn": Backend("flash_attn", _flash_attn_attend, max_head_dim=256),
     "torch_varlen": Backend("torch_varlen", _torch_varlen_attend, max_head_dim=256),  # FlashAttention-2
     "flex": Backend("flex", _flex_attend, _flex_prepare),

@@ -423,7 +423,7 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         """Run the decoder on packed tokens: (T,) int64 ids -> (T, D) final hidden states."""
         backend = self.attention_backend(input_ids_T.device)
         group = self.config.num_attention_heads // self.config.num_key_value_heads
-        meta = backend.prepare(meta, group)  # once per forward; every layer gets this same object
+        meta = backend.prepare(meta, group, _head_dim(self.config))  # once per forward, for every layer
         x_TD = self.embed_tokens(input_ids_T)
         rope = self.rotary_emb(meta.position_ids_T, x_TD.dtype)
         checkpointing = self.gradient_checkpointing and self.training

@@ -49,8 +49,8 @@ class TileSizes(NamedTuple):
     """Tokens per tile, software-pipeline stages and packed heads of the three kernels. The presets
     were the fastest of sweeps on an H200 (head dim 64, 32/8 and 9/3 heads): the alpaca_eval length
     mix (`SHORT_DOCS`, and `SHORT_DOCS_PACKED` for groups of 4, 8, ... query heads per key/value
-    head), and documents of 2k to 32k tokens (`LONG_DOCS`, `LONG_DOCS_PACKED`). The interpreter
-    tests shrink them."""
+    head), and documents of 2k to 32k tokens (`LONG_DOCS`, `LONG_DOCS_PACKED`); and at head dim
+    128 for wider heads (`WIDE_HEADS`). The interpreter tests shrink them."""
 
     fwd_m: int = 64  # query rows per forward program
     fwd_n: int = 64  # keys per forward step
@@ -70,6 +70,19 @@ SHORT_DOCS_PACKED = TileSizes(fwd_m=32, fwd_n=32, dkdv_m=16, dq_m=32, dkdv_stage
 LONG_DOCS = TileSizes(fwd_m=128, dkdv_n=128, dkdv_m=32, dkdv_stages=3)
 # Packed on long documents: 128-row forward and dQ products, 4 heads' 32 queries per dK/dV step.
 LONG_DOCS_PACKED = TileSizes(fwd_m=32, dkdv_m=32, dq_m=32, dq_stages=3, pack=4)
+# The presets' twins for heads wider than 64 (up to MAX_HEAD_DIM), from sweeps at head dim 128 (the
+# 1B shape's 32/8 heads, as Llama-3-8B's, and 9/3): a dK/dV program's two [keys, head dim] fp32
+# accumulators grow with the head dim, and fewer query rows per step keep them in registers (with 4
+# packed heads' 32 queries at 128 dims, dK/dV on long documents ran 4x slower).
+WIDE_HEADS = {
+    SHORT_DOCS: SHORT_DOCS._replace(dkdv_m=16, dkdv_stages=3),
+    SHORT_DOCS_PACKED: SHORT_DOCS_PACKED._replace(dkdv_n=128),
+    LONG_DOCS: LONG_DOCS._replace(dkdv_n=64, dkdv_m=64, dkdv_stages=2),
+    LONG_DOCS_PACKED: TileSizes(fwd_m=64, dkdv_m=16, dq_m=64, dq_stages=3, pack=4),
+}
+# The widest heads the kernels take: with these tiles, 192 and 256 need more shared memory than an
+# H200 has. `auto` gives wider heads to FlashAttention's kernels (up to 256) or flex.
+MAX_HEAD_DIM = 128
 FWD_STAGES = 3  # software-pipeline stages of the forward kernel (every preset)
 # Tokens whose documents are this long on average (sum len^2 / sum len) take the long-document tiles.
 LONG_DOC_TOKENS = 2048
@@ -104,15 +117,20 @@ def _tiles(doc_lens: np.ndarray, starts: np.ndarray, block: int, queries: bool) 
 
 
 def schedule(
-    doc_lens: tuple[int, ...], device: torch.device, sizes: TileSizes | None = None, group: int = 1
+    doc_lens: tuple[int, ...],
+    device: torch.device,
+    sizes: TileSizes | None = None,
+    group: int = 1,
+    head_dim: int = 64,
 ) -> Schedules:
     """The tiles of every kernel for documents of `doc_lens` (host ints) packed back to back, for
-    attention with `group` query heads per key/value head.
+    attention with `group` query heads per key/value head of `head_dim`.
 
     One host-to-device copy (no sync); built once per forward and shared by every layer. Without
     `sizes`, the tiles suit the batch: `LONG_DOCS` when its tokens sit in documents of
     `LONG_DOC_TOKENS` or more on (token-weighted) average, else `SHORT_DOCS`; their `_PACKED` twins
-    when `group` is a multiple of the 4 heads they pack."""
+    when `group` is a multiple of the 4 heads they pack; their `WIDE_HEADS` twins for heads wider
+    than 64."""
     lens = np.asarray(doc_lens, dtype=np.int64)
     if sizes is None:
         long_docs = (lens * lens).sum() >= LONG_DOC_TOKENS * max(1, lens.sum())
@@ -121,6 +139,8 @@ def schedule(
             sizes = LONG_DOCS_PACKED if packs else LONG_DOCS
         else:
             sizes = SHORT_DOCS_PACKED if packs else SHORT_DOCS
+        if head_dim > 64:
+            sizes = WIDE_HEADS[sizes]
     starts = np.cumsum(lens) - lens
     kinds = [(sizes.fwd_m, True), (sizes.dkdv_n, False), (sizes.dq_m, True)]
     unique = list(dict.fromkeys(kinds))  # the forward and dQ tiles coincide when their sizes do
@@ -476,10 +496,10 @@ if HAS_TRITON:
 def check_inputs(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor) -> None:
     """Raise for what the kernels cannot take, naming the value and the way out."""
     H = q_TNH.shape[-1]
-    if H > 256:
+    if H > MAX_HEAD_DIM:
         raise ValueError(
-            f"attn_backend='triton' takes head dims up to 256, got {H}; "
-            "use attn_backend='auto', 'flex' or 'sdpa' (FlashAttention's kernels stop at 256 too)."
+            f"attn_backend='triton' takes head dims up to {MAX_HEAD_DIM}, got {H}; use attn_backend='auto' "
+            "(FlashAttention's kernels up to 256, else flex), 'torch_varlen', 'flash_attn', 'flex' or 'sdpa'."
         )
     if q_TNH.shape[1] % k_TKH.shape[1]:
         raise ValueError(

@@ -38,7 +38,7 @@ def heads_of(shape: str) -> tuple[int, int, int, int]:
 def measure(backend: str, lens: list[int], heads: tuple[int, int, int, int], device, dtype, reps: int) -> dict:
     N, K, H, _ = heads
     positions = torch.cat([torch.arange(n) for n in lens])[None].to(device)
-    meta = BACKENDS[backend].prepare(unpad(torch.zeros_like(positions), position_ids=positions).meta, N // K)
+    meta = BACKENDS[backend].prepare(unpad(torch.zeros_like(positions), position_ids=positions).meta, N // K, H)
     T = sum(lens)
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(T, n, H, device=device, dtype=dtype, generator=g).requires_grad_() for n in (N, K, K))

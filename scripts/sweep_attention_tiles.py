@@ -78,7 +78,7 @@ def sweep(lens: tuple[int, ...], heads: tuple[int, int, int], device, dtype, rep
     q, do = (torch.randn(T, N, H, device=device, dtype=dtype, generator=g) for _ in range(2))
     k, v = (torch.randn(T, K, H, device=device, dtype=dtype, generator=g) for _ in range(2))
     scale = H**-0.5
-    tiles = ta.schedule(lens, device, group=N // K)
+    tiles = ta.schedule(lens, device, group=N // K, head_dim=H)
     preset = tiles.sizes
     o, lse = ta._forward(q, k, v, tiles.fwd_P4, preset, scale)
     inputs = dict(lens=lens, q=q, k=k, v=v, do=do, lse=lse, delta=ta._row_terms(o, do))

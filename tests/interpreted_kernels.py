@@ -182,13 +182,15 @@ def test_triton_attention_matches_per_document_sdpa(pack, dtype, lens, N, K_head
         torch.testing.assert_close(g.float(), g_ref, **tol, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["", "wide_heads"])
 @pytest.mark.parametrize("preset", ["SHORT_DOCS", "SHORT_DOCS_PACKED", "LONG_DOCS", "LONG_DOCS_PACKED"])
-def test_triton_attention_with_the_shipped_tiles(preset):
+def test_triton_attention_with_the_shipped_tiles(preset, wide):
     # Tiles larger than most documents, and a document spanning two tiles of each kernel.
     from foundry_padfree import triton_attention as ta
 
+    sizes = ta.WIDE_HEADS[getattr(ta, preset)] if wide else getattr(ta, preset)
     meta, (q, k, v), grad = _attention_case([3, 140, 20], 4, 1, 16, torch.float32)
-    o = ta.varlen_attention(q, k, v, ta.schedule(meta.doc_lens, q.device, getattr(ta, preset)), 0.3)
+    o = ta.varlen_attention(q, k, v, ta.schedule(meta.doc_lens, q.device, sizes), 0.3)
     grads = torch.autograd.grad(o, (q, k, v), grad)
     o_ref, grads_ref = _sdpa_fp32(meta, (q, k, v), grad, scale=0.3)
     torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=2e-5)

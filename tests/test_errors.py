@@ -76,18 +76,19 @@ def test_backend_unavailable_on_this_device():
 
 
 def test_auto_skips_kernels_that_cannot_take_the_head_dim(monkeypatch):
-    """On a GPU with Triton, `auto` picks `triton`; for heads wider than its kernels take (256),
+    """On a GPU with Triton, `auto` picks `triton`; for heads wider than its kernels take (128),
     `auto` falls back to the next backend that takes them, and naming it refuses the model."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention.kernels, "HAS_TRITON", True)
     assert attention.resolve_backend("auto", "cuda", head_dim=128).name == "triton"
     assert attention.resolve_backend("auto", "cuda", head_dim=512).name == "flex"
+    assert attention.resolve_backend("auto", "cuda", head_dim=256).name != "triton"  # FlashAttention's or flex
     assert "triton" not in attention.available_backends("cuda", head_dim=512)
-    too_wide = r"attn_backend='triton' takes head dims up to 256, got 512; use auto or one of flex"
+    too_wide = r"attn_backend='triton' takes head dims up to 128, got 512; use auto or one of flex"
     with pytest.raises(ValueError, match=too_wide):
         attention.resolve_backend("triton", "cuda", head_dim=512)
     model = tiny_model(hidden_size=1024, num_attention_heads=2, num_key_value_heads=2, attn_backend="triton")
-    with pytest.raises(ValueError, match=r"takes head dims up to 256, got 512"):
+    with pytest.raises(ValueError, match=r"takes head dims up to 128, got 512"):
         model.model.attention_backend(torch.device("cuda"))
 
 

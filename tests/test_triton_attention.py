@@ -48,6 +48,16 @@ def test_schedule_packs_heads_of_groups_of_four(group, packed):
     short, long = (ta.SHORT_DOCS_PACKED, ta.LONG_DOCS_PACKED) if packed else (ta.SHORT_DOCS, ta.LONG_DOCS)
     assert ta.schedule((300, 500, 40) * 10, cpu, group=group).sizes == short
     assert ta.schedule((2048,) * 4, cpu, group=group).sizes == long
+    for head_dim, wide in ((32, False), (64, False), (80, True), (128, True)):  # wider heads: their twins
+        sizes = ta.schedule((2048,) * 4, cpu, group=group, head_dim=head_dim).sizes
+        assert sizes == (ta.WIDE_HEADS[long] if wide else long)
+        assert sizes.pack == long.pack
+
+
+def test_every_preset_has_a_wide_head_twin_with_the_same_packing():
+    presets = (ta.SHORT_DOCS, ta.SHORT_DOCS_PACKED, ta.LONG_DOCS, ta.LONG_DOCS_PACKED)
+    assert set(ta.WIDE_HEADS) == set(presets)
+    assert all(ta.WIDE_HEADS[p].pack == p.pack and ta.WIDE_HEADS[p] != p for p in presets)
 
 
 def test_heads_per_program_is_the_largest_power_of_two_dividing_the_group():
@@ -56,8 +66,8 @@ def test_heads_per_program_is_the_largest_power_of_two_dividing_the_group():
 
 
 def test_bad_inputs_name_the_value_and_the_way_out():
-    q = torch.zeros(4, 2, 512)
-    with pytest.raises(ValueError, match="head dims up to 256, got 512"):
+    q = torch.zeros(4, 2, 256)
+    with pytest.raises(ValueError, match="head dims up to 128, got 256"):
         ta.check_inputs(q, q, q)
     q, k = torch.zeros(4, 3, 16), torch.zeros(4, 2, 16)
     with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
