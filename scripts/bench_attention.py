@@ -5,6 +5,7 @@ Every backend of `foundry_padfree.attention` that runs on the device gets the sa
 random q/k/v in bf16 (fp32 on CPU), and is timed with CUDA events (wall clock on CPU):
 
     python scripts/bench_attention.py --out runs/attention.json     # GPU: every available backend
+    python scripts/bench_attention.py --head-dim 128                # the same heads, 128 wide
     python scripts/bench_attention.py --quick                       # tiny CPU run (a test)
 """
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--budget", type=int, default=32768, help="tokens per batch")
     p.add_argument("--sweep-lengths", nargs="*", type=int, default=[256, 2048, 8192, 32768])
     p.add_argument("--shapes", nargs="+", default=MEASURED_SHAPES, choices=sorted(SHAPES))
+    p.add_argument("--head-dim", type=int, default=None, help="the shapes' heads at another head dim")
     p.add_argument("--backends", nargs="+", default=None, help="default: every one available (not sdpa on GPU)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="tiny CPU run of the reference backend")
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         args.budget, args.sweep_lengths, args.reps, args.shapes = 256, [64], 1, ["smollm2-135m"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backends = args.backends or [b for b in available_backends(device) if device.type == "cpu" or b != "sdpa"]
+    names = available_backends(device, args.head_dim)
+    backends = args.backends or [b for b in names if device.type == "cpu" or b != "sdpa"]
     if args.quick:
         backends = ["sdpa"]
     mixes = {"alpaca": [n for n, _ in mix_steps(alpaca_docs(DEFAULT_DATA, 2048), [args.budget], 0)[0]]}
@@ -84,13 +87,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         heads = heads_of(shape)
+        if args.head_dim:
+            heads = (*heads[:2], args.head_dim, heads[3])
         for data, lens in mixes.items():
             for backend in backends:
                 try:
                     r = measure(backend, lens, heads, device, dtype, args.reps)
                 except torch.OutOfMemoryError:
                     r = dict(fwd_ms=None, fwd_bwd_ms=None, tflops=None)
-                rows.append(dict(shape=shape, data=f"{data}@{args.budget}", backend=backend, docs=len(lens), **r))
+                rows.append(dict(shape=shape, heads="{}/{} x {}".format(*heads[:3]), data=f"{data}@{args.budget}",
+                                 backend=backend, docs=len(lens), **r))  # fmt: skip
                 if r["fwd_ms"] is None:
                     print(f"| {shape} | {data} | {backend} | OOM | | | |")
                     continue
