@@ -362,6 +362,31 @@ def _pack(group: int, most: int) -> int:
     return pack
 
 
+# (kernel, device, compile-time arguments) -> the most pipeline stages whose shared memory fits.
+_STAGES_THAT_FIT: dict[tuple, int] = {}
+
+
+def _launch(kernel, grid: tuple[int, int], *args, num_stages: int, **constexprs) -> None:
+    """`kernel[grid](*args, ...)` with fewer software-pipeline stages where this GPU's shared memory
+    cannot hold `num_stages` of them. The presets were sized on an H200 (227 KB per block); an A100
+    has 163 KB, other GPUs about 100 KB. Loading the compiled kernel fails before it runs, so a retry
+    is safe; the stage count that fits is remembered per kernel, device and compile-time arguments."""
+    key = (kernel.fn.__name__, args[0].device, *sorted(constexprs.items()))
+    stages = min(num_stages, _STAGES_THAT_FIT.get(key, num_stages))
+    while True:
+        try:
+            kernel[grid](*args, num_stages=stages, **constexprs)
+            break
+        except triton.runtime.errors.OutOfResources as e:
+            if stages == 1 or "shared memory" not in str(e):
+                raise ValueError(
+                    f"attn_backend='triton': {kernel.fn.__name__} at head dim {constexprs['HEAD_DIM']} needs more "
+                    f"shared memory than this GPU has ({e}); use attn_backend='torch_varlen', 'flash_attn' or 'flex'."
+                ) from e
+            stages -= 1
+    _STAGES_THAT_FIT[key] = stages
+
+
 def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: TileSizes, scale: float):
     """Outputs (T, N, H) and base-2 log-sum-exps (N, T) fp32 of the forward kernel."""
     T, N, H = q_TNH.shape
@@ -369,7 +394,8 @@ def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: Til
     lse_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
     if len(fwd_P4):
         pack, common = _common(q_TNH, k_TKH, s)
-        _fwd_kernel[(N // pack, len(fwd_P4))](
+        _launch(
+            _fwd_kernel, (N // pack, len(fwd_P4)),
             q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, fwd_P4,
             *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *o_TNH.stride()[:2],
             T, scale * _LOG2_E,
@@ -412,7 +438,8 @@ def _dkdv(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dkdv_P4, s: TileSizes, 
     T, _, H = q_TNH.shape
     dk_TKH, dv_TKH = k_TKH.new_empty(k_TKH.shape), v_TKH.new_empty(v_TKH.shape)
     _, common = _common(q_TNH, k_TKH, s)
-    _dkdv_kernel[(k_TKH.shape[1], len(dkdv_P4))](
+    _launch(
+        _dkdv_kernel, (k_TKH.shape[1], len(dkdv_P4)),
         q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dk_TKH, dv_TKH, dkdv_P4,
         *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2],
         *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], T, scale * _LOG2_E, scale,
@@ -426,7 +453,8 @@ def _dq(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dq_P4, s: TileSizes, scal
     T, N, H = q_TNH.shape
     dq_TNH = q_TNH.new_empty(q_TNH.shape)
     pack, common = _common(q_TNH, k_TKH, s)
-    _dq_kernel[(N // pack, len(dq_P4))](
+    _launch(
+        _dq_kernel, (N // pack, len(dq_P4)),
         q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dq_TNH, dq_P4,
         *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2],
         *dq_TNH.stride()[:2], T, scale * _LOG2_E, scale,

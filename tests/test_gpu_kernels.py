@@ -72,9 +72,27 @@ def test_kernel_forward_and_backward_against_fp32_reference(backend, kv_heads):
     ],
 )
 def test_triton_attention_other_head_dims_dtypes_and_long_documents(head_dim, dtype, lens, tiles):
+    _needs("triton")
+    _check_triton_against_fp32(head_dim, dtype, lens, tiles)
+
+
+def test_triton_attention_takes_fewer_stages_where_shared_memory_runs_out(monkeypatch):
+    # At head dim 256 the presets' pipeline stages need more shared memory than an H200 has (as the
+    # smaller GPUs' do at 128): the launches retry with fewer stages and get the same results.
     from foundry_padfree import triton_attention
 
     _needs("triton")
+    monkeypatch.setattr(triton_attention, "MAX_HEAD_DIM", 256)
+    monkeypatch.setattr(triton_attention, "_STAGES_THAT_FIT", {})
+    _check_triton_against_fp32(256, torch.bfloat16, [2048, 5, 700, 1], "SHORT_DOCS")
+    fewer = {key[0]: n for key, n in triton_attention._STAGES_THAT_FIT.items()}
+    print(f"stages that fit at head dim 256: {fewer}")
+    assert fewer["_fwd_kernel"] < triton_attention.FWD_STAGES
+
+
+def _check_triton_against_fp32(head_dim, dtype, lens, tiles):
+    from foundry_padfree import triton_attention
+
     torch.manual_seed(0)
     T, K = sum(lens), 2
     N = 8 if tiles.endswith("_PACKED") else 4

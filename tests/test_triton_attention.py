@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -75,3 +77,32 @@ def test_bad_inputs_name_the_value_and_the_way_out():
     q = torch.zeros(4, 2, 16)
     with pytest.raises(ValueError, match="one dtype"):
         ta.check_inputs(q, q.half(), q)
+
+
+class _FakeKernel:
+    """A launch that fails like Triton's loader where the GPU's shared memory holds `fits` stages."""
+
+    def __init__(self, fits: int):
+        self.fn, self.fits, self.stages = types.SimpleNamespace(__name__="_fake_kernel"), fits, []
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def run(*args, num_stages: int, **constexprs):
+            self.stages.append(num_stages)
+            if num_stages > self.fits:
+                raise OutOfResources(100_000 * num_stages, 232_448, "shared memory")
+
+        return run
+
+
+def test_a_launch_takes_fewer_stages_where_shared_memory_runs_out(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(ta, "_STAGES_THAT_FIT", {})
+    x = torch.zeros(1)
+    kernel = _FakeKernel(fits=1)
+    ta._launch(kernel, (1, 1), x, num_stages=3, HEAD_DIM=128)
+    ta._launch(kernel, (1, 1), x, num_stages=3, HEAD_DIM=128)  # remembered: straight to what fits
+    assert kernel.stages == [3, 2, 1, 1]
+    with pytest.raises(ValueError, match=r"_fake_kernel at head dim 128 needs more shared memory .*'torch_varlen'"):
+        ta._launch(_FakeKernel(fits=0), (1, 1), x, num_stages=2, HEAD_DIM=128)
