@@ -370,21 +370,24 @@ def _launch(kernel, grid: tuple[int, int], *args, num_stages: int, **constexprs)
     """`kernel[grid](*args, ...)` with fewer software-pipeline stages where this GPU's shared memory
     cannot hold `num_stages` of them. The presets were sized on an H200 (227 KB per block); an A100
     has 163 KB, other GPUs about 100 KB. Loading the compiled kernel fails before it runs, so a retry
-    is safe; the stage count that fits is remembered per kernel, device and compile-time arguments."""
-    key = (kernel.fn.__name__, args[0].device, *sorted(constexprs.items()))
-    stages = min(num_stages, _STAGES_THAT_FIT.get(key, num_stages))
+    is safe; the stage count that fits is remembered per kernel, device and compile-time arguments
+    (looked up only once some launch has not fit: no host work per launch otherwise)."""
+    key = None
+    if _STAGES_THAT_FIT:
+        key = (kernel.fn.__name__, args[0].device, *sorted(constexprs.items()))
+        num_stages = min(num_stages, _STAGES_THAT_FIT.get(key, num_stages))
     while True:
         try:
-            kernel[grid](*args, num_stages=stages, **constexprs)
-            break
+            return kernel[grid](*args, num_stages=num_stages, **constexprs)
         except triton.runtime.errors.OutOfResources as e:
-            if stages == 1 or "shared memory" not in str(e):
+            if num_stages == 1 or "shared memory" not in str(e):
                 raise ValueError(
                     f"attn_backend='triton': {kernel.fn.__name__} at head dim {constexprs['HEAD_DIM']} needs more "
                     f"shared memory than this GPU has ({e}); use attn_backend='torch_varlen', 'flash_attn' or 'flex'."
                 ) from e
-            stages -= 1
-    _STAGES_THAT_FIT[key] = stages
+            num_stages -= 1
+            key = key or (kernel.fn.__name__, args[0].device, *sorted(constexprs.items()))
+            _STAGES_THAT_FIT[key] = num_stages
 
 
 def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: TileSizes, scale: float):
