@@ -601,17 +601,9 @@ def _run_hf_padfree_task(task: dict, args, device: torch.device) -> dict:
 def matmul_ceiling(device: torch.device, n: int) -> float:
     """TFLOP/s of an n x n x n matrix product (bf16 on CUDA) on random data, mean of 20 after warm-up."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 20
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    tflops = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-    del a, b
+    operands = [torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)]
+    tflops = 2 * n**3 / time_ms(lambda: torch.mm(*operands), device, reps=20, warmup=3) / 1e9
+    operands.clear()
     free_memory(device)
     return tflops
 

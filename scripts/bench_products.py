@@ -60,11 +60,17 @@ MEASURED_SHAPES = ["llama3.2-1b", "smollm2-135m"]
 class Product:
     """One kind of matrix product of the step: `[m,k] @ [k,n]`, run `count` times per step."""
 
-    name: str  # e.g. "gate.wgrad", "head.fwd"
+    part: str  # the weight: "q", "k", "v", "o", "gate", "up", "down" or "head"
+    kind: str  # "fwd" (x @ W.T), "dgrad" (dy @ W) or "wgrad" (dy.T @ x)
     m: int
     k: int
     n: int
     count: int
+    chunk: int | None = None  # the head's: supervised tokens per loss chunk
+
+    @property
+    def name(self) -> str:  # e.g. "gate.wgrad", "head.fwd[4096]"
+        return f"{self.part}.{self.kind}" + (f"[{self.chunk}]" if self.chunk is not None else "")
 
     @property
     def flops(self) -> float:
@@ -89,17 +95,17 @@ def step_products(shape: str, tokens: int, supervised: int, chunk: int) -> list[
     for name, d_in, d_out in (("q", D, N * H), ("k", D, K * H), ("v", D, K * H), ("o", N * H, D),
                               ("gate", D, F_), ("up", D, F_), ("down", F_, D)):  # fmt: skip
         products += [
-            Product(f"{name}.fwd", T, d_in, d_out, L),  # x_TI @ W_OI.T
-            Product(f"{name}.dgrad", T, d_out, d_in, L),  # dy_TO @ W_OI
-            Product(f"{name}.wgrad", d_out, T, d_in, L),  # dy_TO.T @ x_TI
+            Product(name, "fwd", T, d_in, d_out, L),  # x_TI @ W_OI.T
+            Product(name, "dgrad", T, d_out, d_in, L),  # dy_TO @ W_OI
+            Product(name, "wgrad", d_out, T, d_in, L),  # dy_TO.T @ x_TI
         ]
     full, last = divmod(supervised, chunk)
     for C, count in ((chunk, full), (last, 1 if last else 0)):
         if count:
             products += [
-                Product(f"head.fwd[{C}]", C, D, V, count),  # h_CD @ W_VD.T: logits
-                Product(f"head.dgrad[{C}]", C, V, D, count),  # g_CV @ W_VD
-                Product(f"head.wgrad[{C}]", V, C, D, count),  # acc_VD (fp32) += g_CV.T @ h_CD
+                Product("head", "fwd", C, D, V, count, C),  # h_CD @ W_VD.T: logits
+                Product("head", "dgrad", C, V, D, count, C),  # g_CV @ W_VD
+                Product("head", "wgrad", V, C, D, count, C),  # acc_VD (fp32) += g_CV.T @ h_CD
             ]
     return products
 
@@ -111,15 +117,14 @@ def product_fn(p: Product, device: torch.device, dtype: torch.dtype) -> Callable
     def rand(*shape):
         return torch.randn(*shape, device=device, dtype=dtype, generator=g)
 
-    kind = p.name.split("[")[0].split(".")[1]
-    if p.name.startswith("head.") and kind == "wgrad":
+    if p.part == "head" and p.kind == "wgrad":
         a_VC, b_CD = rand(p.k, p.m).t(), rand(p.k, p.n)  # g_CV.T: a transposed view, as in the loss
         acc_VD = torch.zeros(p.m, p.n, device=device, dtype=torch.float32)
         return lambda: _accumulate_mm(acc_VD, a_VC, b_CD)
-    if kind == "fwd":
+    if p.kind == "fwd":
         x, w = rand(p.m, p.k), rand(p.n, p.k)
         return lambda: F.linear(x, w)
-    if kind == "dgrad":
+    if p.kind == "dgrad":
         dy, w = rand(p.m, p.k), rand(p.k, p.n)
         return lambda: dy @ w
     dy, x = rand(p.k, p.m), rand(p.k, p.n)  # wgrad: dy_TO.T @ x_TI
@@ -130,9 +135,9 @@ def step_order(products: list[Product], layers: int) -> list[Product]:
     """The products of one step in the order the step runs them: the layers' forward products, then
     the head's per chunk (its backward products run inside the loss's forward), then the layers'
     backward products, last layer first."""
-    layer_fwd = [p for p in products if not p.name.startswith("head.") and p.name.endswith(".fwd")]
-    layer_bwd = [p for p in reversed(products) if not p.name.startswith("head.") and not p.name.endswith(".fwd")]
-    head = [p for p in products if p.name.startswith("head.")]
+    layer_fwd = [p for p in products if p.part != "head" and p.kind == "fwd"]
+    layer_bwd = [p for p in reversed(products) if p.part != "head" and p.kind != "fwd"]
+    head = [p for p in products if p.part == "head"]
     head_calls = []
     for i in range(0, len(head), 3):
         head_calls += head[i : i + 3] * head[i].count
@@ -197,7 +202,7 @@ def measure_shape(shape: str, step: list[tuple[int, int]], args, device: torch.d
     for p in products:
         fns[p.name] = product_fn(p, device, dtype)
         ms = time_ms(fns[p.name], device, args.reps, warmup=3)
-        rows.append(dict(asdict(p), ms=ms, tflops=p.flops / ms / 1e9, ms_per_step=ms * p.count))
+        rows.append(dict(asdict(p), name=p.name, ms=ms, tflops=p.flops / ms / 1e9, ms_per_step=ms * p.count))
     order = [fns[p.name] for p in step_order(products, SHAPES[shape]["num_hidden_layers"])]
 
     def whole_step():

@@ -136,9 +136,10 @@ def test_products_bench_quick_counts_every_product_of_a_step(tmp_path, monkeypat
     assert r["tokens"] == 256 and 0 < r["supervised_tokens"] < r["tokens"]
     chunks = math.ceil(r["supervised_tokens"] / r["loss_chunk"])
     assert sum(p["count"] for p in r["products"]) == 21 * L + 3 * chunks
-    order = products.step_order([products.Product(**{k: p[k] for k in ["name", "m", "k", "n", "count"]})
-                                 for p in r["products"]], L)  # fmt: skip
+    fields = ["part", "kind", "m", "k", "n", "count", "chunk"]
+    order = products.step_order([products.Product(**{k: p[k] for k in fields}) for p in r["products"]], L)
     assert len(order) == 21 * L + 3 * chunks
-    assert [p.name.split(".")[0] for p in order[:7]] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert [p.name for p in order[:7]] == [f"{w}.fwd" for w in ("q", "k", "v", "o", "gate", "up", "down")]
+    assert {p["name"] for p in r["products"] if p["part"] == "head"} >= {f"head.wgrad[{r['loss_chunk']}]"}
     assert all(0 < p["ms"] < math.inf for p in r["products"]) and r["sequence_ms"] > 0
     assert len(report["sustained"]["tflops_by_tenth"]) == 10 and report["copy_gbps"] > 0
