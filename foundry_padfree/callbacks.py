@@ -138,8 +138,7 @@ def read_batch(batch: Mapping[str, Any]) -> BatchDocs:
     docs: list[Document] = []
     for r in range(B):
         cols = np.flatnonzero(real[r])
-        if len(cols) == 0:
-            problems.append(f"row {r} has no real tokens")
+        if len(cols) == 0:  # a row of padding only costs nothing once unpadded: no documents
             continue
         if cols[-1] - cols[0] + 1 != len(cols):
             problems.append(f"row {r} has padding between real tokens")
@@ -186,6 +185,8 @@ def read_batch(batch: Mapping[str, Any]) -> BatchDocs:
                         f"row {r} (labels at document starts must be -100)"
                     )
                     break
+    if not docs and not problems:
+        problems.append("the batch has no real tokens")
     # SpeedMonitor's tokens/s counts these; padding in them would inflate it.
     if isinstance(batch.get("total_tokens"), list):
         real_per_row = real.sum(axis=1)

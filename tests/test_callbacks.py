@@ -205,6 +205,18 @@ def test_read_batch_finds_documents_and_inconsistencies():
     assert any(p.startswith("labels[0, 5] = 0 is on padding") for p in problems)
 
 
+def test_read_batch_takes_a_row_of_padding_only_but_not_a_batch_of_it():
+    # The model unpads such a row to nothing, as it does every padding token.
+    batch = {k: torch.cat([v, v[:1]]) for k, v in packed_batch(rows=[[3, 2], [4]]).items() if torch.is_tensor(v)}
+    for key, pad in (("sequence_id", -1), ("attention_mask", 0), ("labels", -100)):
+        if key in batch:
+            batch[key][2] = pad
+    docs = read_batch(batch)
+    assert docs.doc_lens == (3, 2, 4) and docs.problems == [] and docs.targets_per_row == [3, 3, 0]
+    empty = {k: v[2:] for k, v in batch.items()}
+    assert read_batch(empty).problems == ["the batch has no real tokens"]
+
+
 def test_non_padfree_model_is_refused_at_init(tmp_path):
     from composer import Trainer
     from composer.models import HuggingFaceModel
