@@ -372,10 +372,8 @@ def _launch(kernel, grid: tuple[int, int], *args, num_stages: int, **constexprs)
     has 163 KB, other GPUs about 100 KB. Loading the compiled kernel fails before it runs, so a retry
     is safe; the stage count that fits is remembered per kernel, device and compile-time arguments
     (looked up only once some launch has not fit: no host work per launch otherwise)."""
-    key = None
     if _STAGES_THAT_FIT:
-        key = (kernel.fn.__name__, args[0].device, *sorted(constexprs.items()))
-        num_stages = min(num_stages, _STAGES_THAT_FIT.get(key, num_stages))
+        num_stages = min(num_stages, _STAGES_THAT_FIT.get(_launch_key(kernel, args, constexprs), num_stages))
     while True:
         try:
             return kernel[grid](*args, num_stages=num_stages, **constexprs)
@@ -386,8 +384,11 @@ def _launch(kernel, grid: tuple[int, int], *args, num_stages: int, **constexprs)
                     f"shared memory than this GPU has ({e}); use attn_backend='torch_varlen', 'flash_attn' or 'flex'."
                 ) from e
             num_stages -= 1
-            key = key or (kernel.fn.__name__, args[0].device, *sorted(constexprs.items()))
-            _STAGES_THAT_FIT[key] = num_stages
+            _STAGES_THAT_FIT[_launch_key(kernel, args, constexprs)] = num_stages
+
+
+def _launch_key(kernel, args: tuple, constexprs: dict) -> tuple:
+    return (kernel.fn.__name__, args[0].device, *sorted(constexprs.items()))
 
 
 def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: TileSizes, scale: float):
