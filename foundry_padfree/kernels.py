@@ -69,7 +69,9 @@ if HAS_TRITON:
         tl.store(RSTD + row, rstd)
 
     @triton.jit
-    def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, T, D, rows_per_program, BLOCK_D: tl.constexpr):
+    def _rms_norm_bwd_kernel(
+        DY, X, W, RSTD, DRES, DX, DW_PARTIAL, T, D, rows_per_program, HAS_DRES: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -87,13 +89,15 @@ if HAS_TRITON:
                 # dL/dn rounded to x's dtype, as `(grad * weight).to(x.dtype)` in the PyTorch backward.
                 g = (dy * w).to(X.dtype.element_ty).to(tl.float32)
                 dx = rstd * (g - n * (tl.sum(g * n, axis=0) / D))
+                if HAS_DRES:  # the gradient reaching x along the residual stream, added in fp32
+                    dx += tl.load(DRES + row * D + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=mask)
         tl.store(DW_PARTIAL + pid * D + cols, dw, mask=mask)
 
 
 class _RMSNormTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD: Tensor, weight_D: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x_TD: Tensor, weight_D: Tensor, eps: float, pass_input: bool):
         D = x_TD.shape[-1]
         x2_TD = x_TD.reshape(-1, D).contiguous()
         T = x2_TD.shape[0]
@@ -105,31 +109,44 @@ class _RMSNormTriton(torch.autograd.Function):
             _rms_norm_fwd_kernel[(T,)](x2_TD, weight_D, y_TD, rstd_T, D, eps, BLOCK_D=block, num_warps=warps)
         ctx.save_for_backward(x2_TD, weight_D, rstd_T)
         ctx.x_shape = x_TD.shape
-        return y_TD.view(x_TD.shape)
+        ctx.set_materialize_grads(False)
+        y_TD = y_TD.view(x_TD.shape)
+        # Returned as is, the input comes back as a view that autograd routes through backward.
+        return (y_TD, x_TD) if pass_input else y_TD
 
     @staticmethod
-    def backward(ctx, grad_TD: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx, grad_TD: Tensor | None, grad_input_TD: Tensor | None = None):
         x_TD, weight_D, rstd_T = ctx.saved_tensors
         T, D = x_TD.shape
+        if grad_TD is None:  # only the passed-through input was used
+            return grad_input_TD, None, None, None
         grad_TD = grad_TD.reshape(T, D).contiguous()
+        has_dres = grad_input_TD is not None
+        dres_TD = grad_input_TD.reshape(T, D).contiguous() if has_dres else grad_TD
         grad_x_TD = torch.empty_like(x_TD)
         programs = max(1, min(T, 4 * _num_sms(x_TD.device)))
         rows_per_program = triton.cdiv(T, programs) if T else 1
-        dw_partial_PD = torch.zeros(programs, D, dtype=torch.float32, device=x_TD.device)
+        # Every program writes its row of partial sums: no zero-fill.
+        dw_partial_PD = torch.empty(programs, D, dtype=torch.float32, device=x_TD.device)
         block = triton.next_power_of_2(D)
         if T:
             _rms_norm_bwd_kernel[(programs,)](
-                grad_TD, x_TD, weight_D, rstd_T, grad_x_TD, dw_partial_PD, T, D, rows_per_program,
-                BLOCK_D=block, num_warps=_row_warps(block),
+                grad_TD, x_TD, weight_D, rstd_T, dres_TD, grad_x_TD, dw_partial_PD, T, D, rows_per_program,
+                HAS_DRES=has_dres, BLOCK_D=block, num_warps=_row_warps(block),
             )  # fmt: skip
         grad_w = dw_partial_PD.sum(0).to(weight_D.dtype)
-        return grad_x_TD.view(ctx.x_shape), grad_w, None
+        return grad_x_TD.view(ctx.x_shape), grad_w, None, None
 
 
-def rms_norm(x_TD: Tensor, weight_D: Tensor, eps: float) -> Tensor:
+def rms_norm(x_TD: Tensor, weight_D: Tensor, eps: float, pass_input: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """LlamaRMSNorm of `x_TD` (..., D) with weight (D,): one kernel forward, one backward, which
-    keeps only `x` and the `[T]` fp32 inverse norms."""
-    return _RMSNormTriton.apply(x_TD, weight_D, eps)
+    keeps only `x` and the `[T]` fp32 inverse norms.
+
+    `pass_input`: return `(y, x)`, where `x` is the input passed through, for a caller that uses
+    the input again (the residual stream): the gradient reaching that second use is added to the
+    norm's input gradient inside the backward kernel, instead of autograd adding the two in a pass
+    of its own."""
+    return _RMSNormTriton.apply(x_TD, weight_D, eps, pass_input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,18 +164,20 @@ if HAS_TRITON:
         tl.store(H + offs, (s * u).to(H.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_bwd_kernel(DH, G, U, DG, DU, numel, BLOCK: tl.constexpr):
+    def _silu_mul_bwd_kernel(DH, G, U, DG, DU, H, numel, STORE_H: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
         sig = 1.0 / (1.0 + tl.exp(-g))
-        s = (g * sig).to(G.dtype.element_ty).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty).to(tl.float32)  # as the forward computes it
         # As ATen: silu_backward(dh * up, gate) and dh * silu(gate), each product rounded.
         dhu = (dh * u).to(DG.dtype.element_ty).to(tl.float32)
         tl.store(DG + offs, (dhu * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
         tl.store(DU + offs, (dh * s).to(DU.dtype.element_ty), mask=mask)
+        if STORE_H:  # the forward's product, recomputed from the same loads
+            tl.store(H + offs, (s * u).to(H.dtype.element_ty), mask=mask)
 
 
 _ELEMENTWISE_BLOCK = 2048
@@ -174,17 +193,22 @@ def silu_mul(gate_TF: Tensor, up_TF: Tensor) -> Tensor:
     return h_TF
 
 
-def silu_mul_backward(grad_TF: Tensor, gate_TF: Tensor, up_TF: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of `silu(gate) * up` with respect to gate and up, in one pass."""
+def silu_mul_backward(
+    grad_TF: Tensor, gate_TF: Tensor, up_TF: Tensor, with_product: bool = False
+) -> tuple[Tensor, ...]:
+    """Gradients of `silu(gate) * up` with respect to gate and up, in one pass; with `with_product`,
+    also the product `silu(gate) * up` itself (as `silu_mul` computes it), from the same reads."""
     grad_TF = grad_TF.contiguous()
     grad_gate_TF, grad_up_TF = torch.empty_like(gate_TF), torch.empty_like(up_TF)
+    h_TF = torch.empty_like(gate_TF) if with_product else grad_gate_TF
     n = gate_TF.numel()
     if n:
         grid = (triton.cdiv(n, _ELEMENTWISE_BLOCK),)
         _silu_mul_bwd_kernel[grid](
-            grad_TF, gate_TF, up_TF, grad_gate_TF, grad_up_TF, n, BLOCK=_ELEMENTWISE_BLOCK, num_warps=8
-        )
-    return grad_gate_TF, grad_up_TF
+            grad_TF, gate_TF, up_TF, grad_gate_TF, grad_up_TF, h_TF, n,
+            STORE_H=with_product, BLOCK=_ELEMENTWISE_BLOCK, num_warps=8,
+        )  # fmt: skip
+    return (grad_gate_TF, grad_up_TF, h_TF) if with_product else (grad_gate_TF, grad_up_TF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,3 +315,32 @@ def cross_entropy_grad_(logits_CV: Tensor, targets_C: Tensor) -> Tensor:
     if C:
         _cross_entropy_grad_kernel[(C,)](logits_CV, targets_C, nll_C, V, BLOCK_V=4096, num_warps=8)
     return nll_C
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale and cast: y = (x * s).to(dtype), s a 0-dim tensor on the device (read there: no sync).
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _scale_cast_kernel(X, S, Y, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        x = tl.load(X + offs, mask=mask, other=0.0)
+        s = tl.load(S).to(x.dtype)
+        tl.store(Y + offs, (x * s).to(Y.dtype.element_ty), mask=mask)
+
+
+def scale_cast(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """`(x * scale).to(dtype)` in one pass, for a contiguous `x` and a 0-dim `scale` of x's dtype:
+    the product in x's precision, then one rounding, as `torch.mul(x, scale, out=<dtype tensor>)`.
+    (That call runs ATen's unvectorized mixed-dtype loop, ~3x this kernel's time on a `[V,D]` fp32
+    weight gradient.)"""
+    if not x.is_contiguous():
+        raise ValueError("scale_cast needs a contiguous input.")
+    y = torch.empty_like(x, dtype=dtype)
+    n = x.numel()
+    if n:
+        grid = (triton.cdiv(n, _ELEMENTWISE_BLOCK),)
+        _scale_cast_kernel[grid](x, scale.to(x.dtype), y, n, BLOCK=_ELEMENTWISE_BLOCK, num_warps=8)
+    return y

@@ -102,7 +102,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w_VD = None
         if need_grad:
             grad_w_VD = (torch.empty_like if h_TD.shape[0] else torch.zeros_like)(w_VD, dtype=torch.float32)
-        ctx.w_dtype = w_VD.dtype
+        ctx.w_dtype, ctx.fused = w_VD.dtype, fused
         # Under autocast the head runs in the autocast dtype, as nn.Linear would; casts are explicit
         # below so that every product has one input dtype.
         device_type = h_TD.device.type
@@ -141,7 +141,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h_TD, grad_w_VD = ctx.saved_tensors
         grad_h = grad_h_TD * grad_loss.to(grad_h_TD.dtype) if ctx.needs_input_grad[0] else None
         grad_w = None
-        if ctx.needs_input_grad[1]:  # scaled and cast in one pass over the fp32 `[V,D]`
+        if ctx.needs_input_grad[1] and ctx.fused and kernels.usable(grad_w_VD):
+            grad_w = kernels.scale_cast(grad_w_VD, grad_loss, ctx.w_dtype)
+        elif ctx.needs_input_grad[1]:  # scaled and cast in one pass over the fp32 `[V,D]`
             grad_w = torch.mul(grad_w_VD, grad_loss, out=torch.empty_like(grad_w_VD, dtype=ctx.w_dtype))
         return grad_h, grad_w, None, None, None, None, None
 

@@ -45,10 +45,13 @@ class PadFreeRMSNorm(nn.Module):
         self.variance_epsilon = eps
         self.fused = fused
 
-    def forward(self, x_TD: Tensor) -> Tensor:
+    def forward(self, x_TD: Tensor, pass_input: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The norm of `x_TD`; with `pass_input`, `(norm, x_TD)`: the input passed through for a second
+        use (the residual stream), whose gradient the backward adds to the norm's own (see
+        `kernels.rms_norm`)."""
         if self.fused and kernels.usable(x_TD):
-            return kernels.rms_norm(x_TD, self.weight, self.variance_epsilon)
-        return _RMSNorm.apply(x_TD, self.weight, self.variance_epsilon)
+            return kernels.rms_norm(x_TD, self.weight, self.variance_epsilon, pass_input)
+        return _RMSNorm.apply(x_TD, self.weight, self.variance_epsilon, pass_input)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -58,15 +61,19 @@ class _RMSNorm(torch.autograd.Function):
     model), which the backward recomputes here in one cheap pass."""
 
     @staticmethod
-    def forward(ctx, x_TD: Tensor, weight_D: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x_TD: Tensor, weight_D: Tensor, eps: float, pass_input: bool = False):
         x32_TD = x_TD.float()
         rstd_T1 = torch.rsqrt(x32_TD.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x_TD, weight_D, rstd_T1)
-        return weight_D * (x32_TD * rstd_T1).to(x_TD.dtype)
+        ctx.set_materialize_grads(False)
+        y_TD = weight_D * (x32_TD * rstd_T1).to(x_TD.dtype)
+        return (y_TD, x_TD) if pass_input else y_TD
 
     @staticmethod
-    def backward(ctx, grad_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx, grad_TD: Tensor | None, grad_input_TD: Tensor | None = None):
         x_TD, weight_D, rstd_T1 = ctx.saved_tensors
+        if grad_TD is None:  # only the passed-through input was used
+            return grad_input_TD, None, None, None
         n_TD = x_TD.float() * rstd_T1  # the normalized input, fp32
         grad_weight = None
         if ctx.needs_input_grad[1]:
@@ -75,8 +82,11 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # y = n * w with n = x * rstd: dL/dx = rstd * (g - n * mean(g * n)), g = dL/dn.
             g_TD = (grad_TD * weight_D).to(x_TD.dtype).float()
-            grad_x = (rstd_T1 * (g_TD - n_TD * (g_TD * n_TD).mean(-1, keepdim=True))).to(x_TD.dtype)
-        return grad_x, grad_weight, None
+            grad_x32 = rstd_T1 * (g_TD - n_TD * (g_TD * n_TD).mean(-1, keepdim=True))
+            if grad_input_TD is not None:
+                grad_x32 += grad_input_TD
+            grad_x = grad_x32.to(x_TD.dtype)
+        return grad_x, grad_weight, None, None
 
 
 class PadFreeRotary(nn.Module):
@@ -149,9 +159,10 @@ class PadFreeAttention(nn.Module):
     def project(self, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries and keys with RoPE applied, and values: (T,N,H), (T,K,H), (T,K,H)."""
         T = x_TD.shape[0]
-        q_TNH = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
-        k_TKH = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
-        v_TKH = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        q_TX, k_TX, v_TX = _linears(x_TD, self.fused, self.q_proj, self.k_proj, self.v_proj)
+        q_TNH = q_TX.view(T, self.num_heads, self.head_dim)
+        k_TKH = k_TX.view(T, self.num_kv_heads, self.head_dim)
+        v_TKH = v_TX.view(T, self.num_kv_heads, self.head_dim)
         q_TNH = _apply_rope(q_TNH, cos_TH, sin_TH, self.fused)
         return q_TNH, _apply_rope(k_TKH, cos_TH, sin_TH, self.fused), v_TKH
 
@@ -168,8 +179,20 @@ class PadFreeMLP(nn.Module):
         self.fused = config.fused_kernels
         self.recompute = config.recompute_mlp
 
-    def forward(self, x_TD: Tensor) -> Tensor:
-        gate_TF, up_TF = self.gate_proj(x_TD), self.up_proj(x_TD)
+    def forward(self, x_TD: Tensor, residual_TD: Tensor | None = None) -> Tensor:
+        """`down(act(gate(x)) * up(x))`, plus `residual_TD` when given: added in the down product's
+        epilogue where `_folds` allows, else after it."""
+        if residual_TD is not None and self.fused and self.hidden_act == "silu" and _folds(x_TD, self.down_proj):
+            gate_TF, up_TF = _linears(x_TD, self.fused, self.gate_proj, self.up_proj)
+            fused = kernels.usable(gate_TF)
+            if self.recompute:
+                return _SiluMulDown.apply(gate_TF, up_TF, self.down_proj.weight, None, fused, residual_TD)
+            return torch.addmm(residual_TD, _SiluMul.apply(gate_TF, up_TF, fused), self.down_proj.weight.t())
+        out_TD = self._forward(x_TD)
+        return out_TD if residual_TD is None else residual_TD + out_TD
+
+    def _forward(self, x_TD: Tensor) -> Tensor:
+        gate_TF, up_TF = _linears(x_TD, self.fused, self.gate_proj, self.up_proj)
         if self.hidden_act != "silu":
             return self.down_proj(self.act_fn(gate_TF) * up_TF)
         if self.recompute and torch.compiler.is_compiling():
@@ -179,7 +202,7 @@ class PadFreeMLP(nn.Module):
         fused = self.fused and kernels.usable(gate_TF)
         # A wrapped down_proj (LoRA, quantized) keeps its own forward; only nn.Linear is folded in.
         if self.recompute and type(self.down_proj) is nn.Linear:
-            return _SiluMulDown.apply(gate_TF, up_TF, self.down_proj.weight, self.down_proj.bias, fused)
+            return _SiluMulDown.apply(gate_TF, up_TF, self.down_proj.weight, self.down_proj.bias, fused, None)
         return self.down_proj(_SiluMul.apply(gate_TF, up_TF, fused))
 
 
@@ -222,17 +245,31 @@ class _SiluMulDown(torch.autograd.Function):
     which the backward recomputes: `PadFreeLlamaConfig.recompute_mlp`.
 
     Under autocast the product and the weight are cast to autocast's dtype as `nn.Linear` would be,
-    and that cast weight is what is kept (autocast's linear keeps the same copy)."""
+    and that cast weight is what is kept (autocast's linear keeps the same copy).
+
+    `residual_TD` (no bias, autocast off): added to the output in the product's epilogue (`addmm`);
+    its gradient is the output's, passed back unchanged."""
 
     @staticmethod
-    def forward(ctx, gate_TF: Tensor, up_TF: Tensor, weight_DF: Tensor, bias_D: Tensor | None, fused: bool) -> Tensor:
+    def forward(
+        ctx,
+        gate_TF: Tensor,
+        up_TF: Tensor,
+        weight_DF: Tensor,
+        bias_D: Tensor | None,
+        fused: bool,
+        residual_TD: Tensor | None,
+    ) -> Tensor:
         device_type = gate_TF.device.type
         dtype = linear_dtype(device_type, torch.promote_types(gate_TF.dtype, up_TF.dtype))
         with torch.autocast(device_type, enabled=False):
             gate_TF, up_TF, w_DF = gate_TF.to(dtype), up_TF.to(dtype), weight_DF.to(dtype)
-            out_TD = torch.nn.functional.linear(
-                _silu_mul(gate_TF, up_TF, fused), w_DF, None if bias_D is None else bias_D.to(dtype)
-            )
+            h_TF = _silu_mul(gate_TF, up_TF, fused)
+            if residual_TD is None:
+                out_TD = torch.nn.functional.linear(h_TF, w_DF, None if bias_D is None else bias_D.to(dtype))
+            else:
+                assert bias_D is None and residual_TD.dtype == dtype, "residual: no bias, one dtype (see _folds)"
+                out_TD = torch.addmm(residual_TD, h_TF, w_DF.t())
         ctx.save_for_backward(gate_TF, up_TF, w_DF)
         ctx.fused, ctx.has_bias = fused, bias_D is not None
         ctx.dtypes = (weight_DF.dtype, None if bias_D is None else bias_D.dtype)
@@ -242,15 +279,65 @@ class _SiluMulDown(torch.autograd.Function):
     def backward(ctx, grad_TD: Tensor):
         gate_TF, up_TF, w_DF = ctx.saved_tensors
         grad_TD = grad_TD.to(w_DF.dtype)
-        h_TF = _silu_mul(gate_TF, up_TF, ctx.fused)
+        if ctx.fused:
+            # One kernel reads gate and up once for their gradients and the recomputed product.
+            grad_gate, grad_up, h_TF = kernels.silu_mul_backward(
+                grad_TD @ w_DF, gate_TF.contiguous(), up_TF.contiguous(), with_product=True
+            )
+        else:
+            h_TF = _silu_mul(gate_TF, up_TF, False)
         grad_w = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_w = (grad_TD.flatten(0, -2).t() @ h_TF.flatten(0, -2)).to(ctx.dtypes[0])
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = grad_TD.flatten(0, -2).sum(0).to(ctx.dtypes[1])
         del h_TF
-        grad_gate, grad_up = _silu_mul_backward(grad_TD @ w_DF, gate_TF, up_TF, ctx.fused)
-        return grad_gate, grad_up, grad_w, grad_b, None
+        if not ctx.fused:
+            grad_gate, grad_up = _silu_mul_backward(grad_TD @ w_DF, gate_TF, up_TF, False)
+        grad_residual = grad_TD if ctx.needs_input_grad[5] else None
+        return grad_gate, grad_up, grad_w, grad_b, None, grad_residual
+
+
+def _folds(x_TD: Tensor, *linears: nn.Module) -> bool:
+    """Whether products of `x_TD` with these layers may be fused by hand into their neighbours: in
+    eager code (`torch.compile` fuses on its own), with autocast off (so that the residual stream
+    and the products share one dtype) and for bare `nn.Linear`s of x's dtype without bias, Llama's
+    (a wrapped layer, LoRA or quantized, keeps its own forward)."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x_TD.device.type)
+        and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x_TD.dtype for m in linears)
+    )
+
+
+def _linears(x_TD: Tensor, fused: bool, *linears: nn.Module) -> tuple[Tensor, ...]:
+    """Each layer applied to `x_TD` (q/k/v, gate/up); with `fused` and where `_folds` allows, as
+    `_SharedInputLinears`."""
+    if fused and _folds(x_TD, *linears):
+        return _SharedInputLinears.apply(x_TD, *(m.weight for m in linears))
+    return tuple(m(x_TD) for m in linears)
+
+
+class _SharedInputLinears(torch.autograd.Function):
+    """`x @ w.T` for several weights `w_i` (O_i, D) of one input `x_TD`, whose backward sums the
+    input's gradient in the epilogues of a chain of products (`addmm_` into the first one's result)
+    instead of autograd adding the products' results in passes of their own over `[T,D]`."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(x_TD, *weights)
+        ctx.set_materialize_grads(False)
+        return tuple(x_TD @ w.t() for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        x_TD, *weights = ctx.saved_tensors
+        grad_x, grad_ws = None, []
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            grad_ws.append(g.t() @ x_TD if g is not None and ctx.needs_input_grad[1 + i] else None)
+            if g is not None and ctx.needs_input_grad[0]:
+                grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+        return grad_x, *grad_ws
 
 
 class PadFreeDecoderLayer(nn.Module):
@@ -281,6 +368,8 @@ class PadFreeDecoderLayer(nn.Module):
         if self.compile_backend is not None:
             attention_inputs, attention_output_and_mlp = _compiled_regions(self.compile_backend)
             _mark_dynamic(x_TD, *rope)
+        elif self.input_layernorm.fused and _folds(x_TD, self.self_attn.o_proj, self.mlp.down_proj):
+            return _folded_layer(self, x_TD, meta, rope, backend)
         q_TNH, k_TKH, v_TKH = _autocast_dtype(*attention_inputs(self, x_TD, *rope))
         o_TNH = backend.attend(q_TNH, k_TKH, v_TKH, meta, self.self_attn.scaling)
         if self.compile_backend is not None:
@@ -311,6 +400,22 @@ def _attention_inputs(layer: PadFreeDecoderLayer, x_TD: Tensor, cos_TH: Tensor, 
 def _attention_output_and_mlp(layer: PadFreeDecoderLayer, x_TD: Tensor, o_TNH: Tensor) -> Tensor:
     x_TD = x_TD + layer.self_attn.o_proj(o_TNH.flatten(1))
     return x_TD + layer.mlp(layer.post_attention_layernorm(x_TD))
+
+
+def _folded_layer(
+    layer: PadFreeDecoderLayer, x_TD: Tensor, meta: VarlenMeta, rope: tuple[Tensor, Tensor], backend: Backend
+) -> Tensor:
+    """The block as `_attention_inputs` and `_attention_output_and_mlp` compute it, for eager runs with
+    each residual add folded into a neighbour (`_folds`; torch.compile does its own fusing): the
+    add rides in the epilogue of the output product before it (`addmm`, the o and down products),
+    and the gradient that comes back along the residual stream is added inside the backward kernel
+    of the norm that reads the same tensor (`pass_input`), instead of in passes of their own."""
+    n_TD, x_TD = layer.input_layernorm(x_TD, pass_input=True)
+    q_TNH, k_TKH, v_TKH = layer.self_attn.project(n_TD, *rope)
+    o_TNH = backend.attend(q_TNH, k_TKH, v_TKH, meta, layer.self_attn.scaling)
+    x_TD = torch.addmm(x_TD, o_TNH.flatten(1), layer.self_attn.o_proj.weight.t())
+    n_TD, x_TD = layer.post_attention_layernorm(x_TD, pass_input=True)
+    return layer.mlp(n_TD, residual_TD=x_TD)
 
 
 def _mark_dynamic(*values: Any) -> None:

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from foundry_padfree import kernels
+from foundry_padfree import kernels, modeling
 from foundry_padfree.loss import _nll_and_grad
 from foundry_padfree.modeling import _apply_rope, _RMSNorm, _SiluMul
 from tests.conftest import loss_and_grads, packed_lm_batch, tiny_model
@@ -63,6 +63,41 @@ def test_rms_norm_keeps_leading_dims_and_autocast_dtypes(K):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_passes_its_input_through_and_adds_its_gradient(K, dtype):
+    # The residual stream's second use of x: its gradient joins the norm's inside the kernel.
+    x = torch.randn(23, 48, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(48)).to(dtype).requires_grad_()
+    grad_y, grad_x = torch.randn(23, 48, dtype=dtype), torch.randn(23, 48, dtype=dtype)
+    y, passed = K.rms_norm(x, w, 1e-5, pass_input=True)
+    assert torch.equal(passed, x) and passed.data_ptr() == x.data_ptr()
+    dx, dw = torch.autograd.grad((y, passed), (x, w), (grad_y, grad_x))
+    y_ref, passed_ref = _RMSNorm.apply(x, w, 1e-5, True)
+    dx_ref, dw_ref = torch.autograd.grad((y_ref, passed_ref), (x, w), (grad_y, grad_x))
+    torch.testing.assert_close(y, y_ref, **_tol(dtype))
+    torch.testing.assert_close(dx, dx_ref, **_tol(dtype))
+    torch.testing.assert_close(dw.float(), dw_ref.float(), atol=1e-5 if dtype == torch.float32 else 0.1, rtol=2e-2)
+    # Against autograd's own sum of the two uses' gradients, in fp32.
+    if dtype == torch.float32:
+        (dx_norm,) = torch.autograd.grad(_RMSNorm.apply(x, w, 1e-5), x, grad_y)
+        torch.testing.assert_close(dx, dx_norm + grad_x, **FP32_TOL)
+    # Only the passed-through input used: its gradient, unchanged.
+    y, passed = K.rms_norm(x, w, 1e-5, pass_input=True)
+    (dx,) = torch.autograd.grad(passed, x, grad_x)
+    assert torch.equal(dx, grad_x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_cast_matches_mul_into_a_lower_precision_tensor(K, dtype):
+    x = torch.randn(3, 1000) * 5  # 3000 elements: two blocks, the second partly masked
+    scale = torch.tensor(0.37)
+    y = K.scale_cast(x, scale, dtype)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, torch.mul(x, scale, out=torch.empty_like(x, dtype=dtype)), **BF16_TOL)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.scale_cast(x.t(), scale, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul_and_its_backward_match_the_pytorch_formulas(K, dtype):
     gate = 3 * torch.randn(41, 70, dtype=dtype)
     up = torch.randn(41, 70, dtype=dtype)
@@ -71,6 +106,10 @@ def test_silu_mul_and_its_backward_match_the_pytorch_formulas(K, dtype):
     g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
     ref = torch.autograd.grad(_SiluMul.apply(g, u, False), (g, u), grad)
     for ours, theirs in zip(K.silu_mul_backward(grad, gate, up), ref):
+        torch.testing.assert_close(ours, theirs, **_tol(dtype))
+    *grads, product = K.silu_mul_backward(grad, gate, up, with_product=True)
+    assert torch.equal(product, K.silu_mul(gate, up))
+    for ours, theirs in zip(grads, ref):
         torch.testing.assert_close(ours, theirs, **_tol(dtype))
 
 
@@ -118,13 +157,16 @@ def test_cross_entropy_grad_refuses_strided_logits(K):
 def test_the_model_on_the_fused_kernels_matches_the_pytorch_ops(K, monkeypatch):
     batch = packed_lm_batch()
     calls = []
-    for name in ("rms_norm", "rope", "silu_mul", "silu_mul_backward", "cross_entropy_grad_"):
+    names = ("rms_norm", "rope", "silu_mul", "silu_mul_backward", "cross_entropy_grad_", "scale_cast")
+    for name in names:
         fn = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+        monkeypatch.setattr(K, name, lambda *a, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*a, **kw))
+    folded = modeling._folded_layer
+    monkeypatch.setattr(modeling, "_folded_layer", lambda *a: calls.append("folded") or folded(*a))
     ref_loss, ref_grads = loss_and_grads(tiny_model(fused_kernels=False).train(), batch)
     assert calls == [], "fused_kernels=False still called a Triton kernel"
     loss, grads = loss_and_grads(tiny_model().train(), batch)
-    assert set(calls) == {"rms_norm", "rope", "silu_mul", "silu_mul_backward", "cross_entropy_grad_"}
+    assert set(calls) == {*names, "folded"}
     torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from foundry_padfree import modeling
+from foundry_padfree.modeling import _SharedInputLinears
 from tests.conftest import loss_and_grads, packed_lm_batch, tiny_model
 
 FP32_TOL = dict(atol=2e-6, rtol=2e-6)
@@ -65,3 +67,43 @@ def test_compiled_layers_match_eager_with_and_without_mlp_recompute(recompute):
     torch.testing.assert_close(loss, eager_loss, **FP32_TOL)
     for name, g in grads.items():
         torch.testing.assert_close(g, eager_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("frozen", ["nothing", "input", "one_weight"])
+def test_shared_input_linears_give_autograd_gradients(frozen):
+    torch.manual_seed(0)
+    x = torch.randn(13, 8, requires_grad=frozen != "input")
+    weights = [torch.randn(o, 8, requires_grad=(frozen, i) != ("one_weight", 1)) for i, o in enumerate((8, 4, 4))]
+    grads = [torch.randn(13, o) for o in (8, 4, 4)]
+    outputs = _SharedInputLinears.apply(x, *weights)
+    wanted = [t for t in (x, *weights) if t.requires_grad]
+    ours = torch.autograd.grad(outputs, wanted, grads)
+    reference = torch.autograd.grad([x @ w.t() for w in weights], wanted, grads)
+    for a, b in zip(outputs, [x @ w.t() for w in weights]):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "case, folds",
+    [("default", True), ("autocast_bf16", False), ("mlp_bias", False), ("attention_bias", False),
+     ("fused_kernels=False", False)],
+)  # fmt: skip
+def test_the_eager_block_folds_its_residual_adds_only_where_it_may(case, folds, monkeypatch):
+    # Folded: the residual adds in the o/down products' epilogues and the residual gradient inside the
+    # norms' backward. Same loss and gradients as the block's formula (fused_kernels=False, fp32).
+    calls = []
+    folded = modeling._folded_layer
+    monkeypatch.setattr(modeling, "_folded_layer", lambda *a: calls.append(1) or folded(*a))
+    overrides = {"mlp_bias": dict(mlp_bias=True), "attention_bias": dict(attention_bias=True),
+                 "fused_kernels=False": dict(fused_kernels=False)}.get(case, {})  # fmt: skip
+    batch = packed_lm_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast_bf16"):
+        loss, grads = loss_and_grads(tiny_model(**overrides).train(), batch)
+    assert len(calls) == (2 if folds else 0), case
+    if folds:
+        ref_loss, ref_grads = loss_and_grads(tiny_model(fused_kernels=False).train(), batch)
+        torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
