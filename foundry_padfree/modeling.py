@@ -158,13 +158,14 @@ class PadFreeAttention(nn.Module):
 
     def project(self, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries and keys with RoPE applied, and values: (T,N,H), (T,K,H), (T,K,H)."""
-        T = x_TD.shape[0]
-        q_TX, k_TX, v_TX = _linears(x_TD, self.fused, self.q_proj, self.k_proj, self.v_proj)
-        q_TNH = q_TX.view(T, self.num_heads, self.head_dim)
-        k_TKH = k_TX.view(T, self.num_kv_heads, self.head_dim)
-        v_TKH = v_TX.view(T, self.num_kv_heads, self.head_dim)
-        q_TNH = _apply_rope(q_TNH, cos_TH, sin_TH, self.fused)
-        return q_TNH, _apply_rope(k_TKH, cos_TH, sin_TH, self.fused), v_TKH
+        return self.heads(self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD), cos_TH, sin_TH)
+
+    def heads(self, q_TX: Tensor, k_TX: Tensor, v_TX: Tensor, cos_TH: Tensor, sin_TH: Tensor):
+        """The projections' outputs as heads, RoPE applied to queries and keys."""
+        T = q_TX.shape[0]
+        q_TNH = _apply_rope(q_TX.view(T, self.num_heads, self.head_dim), cos_TH, sin_TH, self.fused)
+        k_TKH = _apply_rope(k_TX.view(T, self.num_kv_heads, self.head_dim), cos_TH, sin_TH, self.fused)
+        return q_TNH, k_TKH, v_TX.view(T, self.num_kv_heads, self.head_dim)
 
 
 class PadFreeMLP(nn.Module):
@@ -179,20 +180,8 @@ class PadFreeMLP(nn.Module):
         self.fused = config.fused_kernels
         self.recompute = config.recompute_mlp
 
-    def forward(self, x_TD: Tensor, residual_TD: Tensor | None = None) -> Tensor:
-        """`down(act(gate(x)) * up(x))`, plus `residual_TD` when given: added in the down product's
-        epilogue where `_folds` allows, else after it."""
-        if residual_TD is not None and self.fused and self.hidden_act == "silu" and _folds(x_TD, self.down_proj):
-            gate_TF, up_TF = _linears(x_TD, self.fused, self.gate_proj, self.up_proj)
-            fused = kernels.usable(gate_TF)
-            if self.recompute:
-                return _SiluMulDown.apply(gate_TF, up_TF, self.down_proj.weight, None, fused, residual_TD)
-            return torch.addmm(residual_TD, _SiluMul.apply(gate_TF, up_TF, fused), self.down_proj.weight.t())
-        out_TD = self._forward(x_TD)
-        return out_TD if residual_TD is None else residual_TD + out_TD
-
-    def _forward(self, x_TD: Tensor) -> Tensor:
-        gate_TF, up_TF = _linears(x_TD, self.fused, self.gate_proj, self.up_proj)
+    def forward(self, x_TD: Tensor) -> Tensor:
+        gate_TF, up_TF = self.gate_proj(x_TD), self.up_proj(x_TD)
         if self.hidden_act != "silu":
             return self.down_proj(self.act_fn(gate_TF) * up_TF)
         if self.recompute and torch.compiler.is_compiling():
@@ -298,24 +287,20 @@ class _SiluMulDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_w, grad_b, None, grad_residual
 
 
-def _folds(x_TD: Tensor, *linears: nn.Module) -> bool:
-    """Whether products of `x_TD` with these layers may be fused by hand into their neighbours: in
-    eager code (`torch.compile` fuses on its own), with autocast off (so that the residual stream
-    and the products share one dtype) and for bare `nn.Linear`s of x's dtype without bias, Llama's
+def _folds(layer: PadFreeDecoderLayer, x_TD: Tensor) -> bool:
+    """Whether `_folded_layer` may run the block: fused kernels on (`config.fused_kernels`), in eager
+    code (`torch.compile` fuses on its own), with autocast off (so that the residual stream and the
+    products share one dtype), a SiLU MLP, and bare `nn.Linear`s of x's dtype without bias, Llama's
     (a wrapped layer, LoRA or quantized, keeps its own forward)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     return (
-        not torch.compiler.is_compiling()
+        mlp.fused
+        and mlp.hidden_act == "silu"
+        and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(x_TD.device.type)
         and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x_TD.dtype for m in linears)
     )
-
-
-def _linears(x_TD: Tensor, fused: bool, *linears: nn.Module) -> tuple[Tensor, ...]:
-    """Each layer applied to `x_TD` (q/k/v, gate/up); with `fused` and where `_folds` allows, as
-    `_SharedInputLinears`."""
-    if fused and _folds(x_TD, *linears):
-        return _SharedInputLinears.apply(x_TD, *(m.weight for m in linears))
-    return tuple(m(x_TD) for m in linears)
 
 
 class _SharedInputLinears(torch.autograd.Function):
@@ -368,7 +353,7 @@ class PadFreeDecoderLayer(nn.Module):
         if self.compile_backend is not None:
             attention_inputs, attention_output_and_mlp = _compiled_regions(self.compile_backend)
             _mark_dynamic(x_TD, *rope)
-        elif self.input_layernorm.fused and _folds(x_TD, self.self_attn.o_proj, self.mlp.down_proj):
+        elif _folds(self, x_TD):
             return _folded_layer(self, x_TD, meta, rope, backend)
         q_TNH, k_TKH, v_TKH = _autocast_dtype(*attention_inputs(self, x_TD, *rope))
         o_TNH = backend.attend(q_TNH, k_TKH, v_TKH, meta, self.self_attn.scaling)
@@ -405,17 +390,23 @@ def _attention_output_and_mlp(layer: PadFreeDecoderLayer, x_TD: Tensor, o_TNH: T
 def _folded_layer(
     layer: PadFreeDecoderLayer, x_TD: Tensor, meta: VarlenMeta, rope: tuple[Tensor, Tensor], backend: Backend
 ) -> Tensor:
-    """The block as `_attention_inputs` and `_attention_output_and_mlp` compute it, for eager runs with
-    each residual add folded into a neighbour (`_folds`; torch.compile does its own fusing): the
-    add rides in the epilogue of the output product before it (`addmm`, the o and down products),
-    and the gradient that comes back along the residual stream is added inside the backward kernel
-    of the norm that reads the same tensor (`pass_input`), instead of in passes of their own."""
+    """The block as `_attention_inputs` and `_attention_output_and_mlp` compute it, for eager runs
+    (`_folds`; torch.compile does its own fusing), with fewer passes over `[T,D]`: each residual add
+    rides in the epilogue of the output product before it (`addmm`, the o and down products); the
+    gradient that comes back along the residual stream is added inside the backward kernel of the
+    norm that reads the same tensor (`pass_input`); and q/k/v, like gate/up, sum their input's
+    gradient inside their backward products (`_SharedInputLinears`)."""
+    attn, mlp = layer.self_attn, layer.mlp
     n_TD, x_TD = layer.input_layernorm(x_TD, pass_input=True)
-    q_TNH, k_TKH, v_TKH = layer.self_attn.project(n_TD, *rope)
-    o_TNH = backend.attend(q_TNH, k_TKH, v_TKH, meta, layer.self_attn.scaling)
-    x_TD = torch.addmm(x_TD, o_TNH.flatten(1), layer.self_attn.o_proj.weight.t())
+    qkv = _SharedInputLinears.apply(n_TD, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    o_TNH = backend.attend(*attn.heads(*qkv, *rope), meta, attn.scaling)
+    x_TD = torch.addmm(x_TD, o_TNH.flatten(1), attn.o_proj.weight.t())
     n_TD, x_TD = layer.post_attention_layernorm(x_TD, pass_input=True)
-    return layer.mlp(n_TD, residual_TD=x_TD)
+    gate_TF, up_TF = _SharedInputLinears.apply(n_TD, mlp.gate_proj.weight, mlp.up_proj.weight)
+    fused = kernels.usable(gate_TF)
+    if mlp.recompute:
+        return _SiluMulDown.apply(gate_TF, up_TF, mlp.down_proj.weight, None, fused, x_TD)
+    return torch.addmm(x_TD, _SiluMul.apply(gate_TF, up_TF, fused), mlp.down_proj.weight.t())
 
 
 def _mark_dynamic(*values: Any) -> None:

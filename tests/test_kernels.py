@@ -87,8 +87,8 @@ def test_shared_input_linears_give_autograd_gradients(frozen):
 
 @pytest.mark.parametrize(
     "case, folds",
-    [("default", True), ("autocast_bf16", False), ("mlp_bias", False), ("attention_bias", False),
-     ("fused_kernels=False", False)],
+    [("default", True), ("recompute_mlp=False", True), ("autocast_bf16", False), ("mlp_bias", False),
+     ("attention_bias", False), ("gelu", False), ("fused_kernels=False", False)],
 )  # fmt: skip
 def test_the_eager_block_folds_its_residual_adds_only_where_it_may(case, folds, monkeypatch):
     # Folded: the residual adds in the o/down products' epilogues and the residual gradient inside the
@@ -97,13 +97,14 @@ def test_the_eager_block_folds_its_residual_adds_only_where_it_may(case, folds, 
     folded = modeling._folded_layer
     monkeypatch.setattr(modeling, "_folded_layer", lambda *a: calls.append(1) or folded(*a))
     overrides = {"mlp_bias": dict(mlp_bias=True), "attention_bias": dict(attention_bias=True),
-                 "fused_kernels=False": dict(fused_kernels=False)}.get(case, {})  # fmt: skip
+                 "fused_kernels=False": dict(fused_kernels=False), "gelu": dict(hidden_act="gelu"),
+                 "recompute_mlp=False": dict(recompute_mlp=False)}.get(case, {})  # fmt: skip
     batch = packed_lm_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast_bf16"):
         loss, grads = loss_and_grads(tiny_model(**overrides).train(), batch)
     assert len(calls) == (2 if folds else 0), case
     if folds:
-        ref_loss, ref_grads = loss_and_grads(tiny_model(fused_kernels=False).train(), batch)
+        ref_loss, ref_grads = loss_and_grads(tiny_model(**overrides, fused_kernels=False).train(), batch)
         torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
