@@ -289,16 +289,18 @@ class _SiluMulDown(torch.autograd.Function):
 
 def _folds(layer: PadFreeDecoderLayer, x_TD: Tensor) -> bool:
     """Whether `_folded_layer` may run the block: fused kernels on (`config.fused_kernels`), in eager
-    code (`torch.compile` fuses on its own), with autocast off (so that the residual stream and the
-    products share one dtype), a SiLU MLP, and bare `nn.Linear`s of x's dtype without bias, Llama's
-    (a wrapped layer, LoRA or quantized, keeps its own forward)."""
+    code (`torch.compile` fuses on its own), the residual stream and the products in one dtype
+    (autocast off, or in x's dtype: bf16 weights under `amp_bf16`, as with FSDP's `PURE` mixed
+    precision), a SiLU MLP, and bare `nn.Linear`s of x's dtype without bias, Llama's (a wrapped
+    layer, LoRA or quantized, keeps its own forward)."""
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    device_type = x_TD.device.type
     return (
         mlp.fused
         and mlp.hidden_act == "silu"
         and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(x_TD.device.type)
+        and (not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) == x_TD.dtype)
         and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x_TD.dtype for m in linears)
     )
 

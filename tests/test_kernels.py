@@ -108,3 +108,25 @@ def test_the_eager_block_folds_its_residual_adds_only_where_it_may(case, folds, 
         torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_block_folds_under_autocast_when_weights_are_already_in_its_dtype(monkeypatch):
+    # bf16 weights under bf16 autocast (FSDP's PURE mixed precision with amp_bf16): the residual
+    # stream and the products share one dtype, so the block folds; results as the block's formula
+    # under the same autocast, within bf16 rounding.
+    calls = []
+    folded = modeling._folded_layer
+    monkeypatch.setattr(modeling, "_folded_layer", lambda *a: calls.append(1) or folded(*a))
+    batch = packed_lm_batch()
+    results = []
+    for fused in (True, False):
+        model = tiny_model(fused_kernels=fused).to(torch.bfloat16).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(loss_and_grads(model, batch))
+    assert len(calls) == 2
+    (loss, grads), (ref_loss, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=1e-2)
+    for name, g in grads.items():
+        assert g.dtype == torch.bfloat16, name
+        scale = ref_grads[name].float().abs().max().item()
+        assert (g.float() - ref_grads[name].float()).abs().max().item() <= 0.05 * scale + 1e-3, name
