@@ -33,9 +33,10 @@ class PadFreeLlamaConfig(LlamaConfig):
             fused Triton kernels (`foundry_padfree.kernels`) when the model runs eagerly on CUDA.
             Off, or on CPU, or inside `torch.compile` (which fuses them itself), the same formulas
             run as PyTorch ops. Results agree to within one unit of the output dtype. Run eagerly
-            without autocast (CPU included), it also folds each block's residual adds into the
-            products and norms next to them and sums the gradient of the q/k/v (and gate/up)
-            input inside their backward products, instead of in passes of their own.
+            (CPU included) without autocast, or under autocast in the weights' dtype, it also
+            folds each block's residual adds into the products and norms next to them and sums
+            the gradient of the q/k/v (and gate/up) input inside their backward products, instead
+            of in passes of their own.
         recompute_mlp: keep each MLP's gate and up projections but not `silu(gate) * up` for the
             backward, which recomputes it: one `[T, intermediate_size]` tensor less per layer
             (2 GiB for 8k tokens of Llama-3.2-1B); with the fused kernels the recomputation comes
