@@ -236,8 +236,8 @@ class _SiluMulDown(torch.autograd.Function):
     Under autocast the product and the weight are cast to autocast's dtype as `nn.Linear` would be,
     and that cast weight is what is kept (autocast's linear keeps the same copy).
 
-    `residual_TD` (no bias, autocast off): added to the output in the product's epilogue (`addmm`);
-    its gradient is the output's, passed back unchanged."""
+    `residual_TD` (no bias, already in the product's dtype): added to the output in the product's
+    epilogue (`addmm`); its gradient is the output's, passed back unchanged."""
 
     @staticmethod
     def forward(
@@ -336,7 +336,8 @@ class PadFreeDecoderLayer(nn.Module):
     `compile_regions` can hand them to `torch.compile` with the token dimension dynamic: one graph
     per region serves every layer and every batch, with no guard on the documents' layout. A
     backend whose attention is `traceable` from tensors alone compiles as one call instead
-    (`PadFreeLlamaModel.compile_layers`).
+    (`PadFreeLlamaModel.compile_layers`). Run eagerly where `_folds` allows (Llama's bare
+    projections, fused kernels on), the block is `_folded_layer`: the same result in fewer passes.
     """
 
     def __init__(self, config: PadFreeLlamaConfig, layer_idx: int):
