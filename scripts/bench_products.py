@@ -67,10 +67,13 @@ class Product:
     n: int
     count: int
     chunk: int | None = None  # the head's: supervised tokens per loss chunk
+    first: bool = False  # the head's weight gradient of the first chunk: written, not accumulated
 
     @property
-    def name(self) -> str:  # e.g. "gate.wgrad", "head.fwd[4096]"
-        return f"{self.part}.{self.kind}" + (f"[{self.chunk}]" if self.chunk is not None else "")
+    def name(self) -> str:  # e.g. "gate.wgrad", "head.fwd[4096]", "head.wgrad[4096,first]"
+        if self.chunk is None:
+            return f"{self.part}.{self.kind}"
+        return f"{self.part}.{self.kind}[{self.chunk}{',first' if self.first else ''}]"
 
     @property
     def flops(self) -> float:
@@ -105,8 +108,13 @@ def step_products(shape: str, tokens: int, supervised: int, chunk: int) -> list[
             products += [
                 Product("head", "fwd", C, D, V, count, C),  # h_CD @ W_VD.T: logits
                 Product("head", "dgrad", C, V, D, count, C),  # g_CV @ W_VD
-                Product("head", "wgrad", V, C, D, count, C),  # acc_VD (fp32) += g_CV.T @ h_CD
             ]
+            # acc_VD (fp32) = g_CV.T @ h_CD for the step's first chunk, += for the others.
+            first = not any(p.first for p in products)
+            if first:
+                products.append(Product("head", "wgrad", V, C, D, 1, C, first=True))
+            if count - first:
+                products.append(Product("head", "wgrad", V, C, D, count - first, C))
     return products
 
 
@@ -120,7 +128,7 @@ def product_fn(p: Product, device: torch.device, dtype: torch.dtype) -> Callable
     if p.part == "head" and p.kind == "wgrad":
         a_VC, b_CD = rand(p.k, p.m).t(), rand(p.k, p.n)  # g_CV.T: a transposed view, as in the loss
         acc_VD = torch.zeros(p.m, p.n, device=device, dtype=torch.float32)
-        return lambda: _accumulate_mm(acc_VD, a_VC, b_CD)
+        return lambda: _accumulate_mm(acc_VD, a_VC, b_CD, overwrite=p.first)
     if p.kind == "fwd":
         x, w = rand(p.m, p.k), rand(p.n, p.k)
         return lambda: F.linear(x, w)
@@ -137,10 +145,11 @@ def step_order(products: list[Product], layers: int) -> list[Product]:
     backward products, last layer first."""
     layer_fwd = [p for p in products if p.part != "head" and p.kind == "fwd"]
     layer_bwd = [p for p in reversed(products) if p.part != "head" and p.kind != "fwd"]
-    head = [p for p in products if p.part == "head"]
     head_calls = []
-    for i in range(0, len(head), 3):
-        head_calls += head[i : i + 3] * head[i].count
+    for fwd in (p for p in products if p.part == "head" and p.kind == "fwd"):  # one per chunk size
+        dgrad, *wgrads = (p for p in products if p.part == "head" and p.chunk == fwd.chunk and p.kind != "fwd")
+        wgrad_calls = [w for w in sorted(wgrads, key=lambda w: not w.first) for _ in range(w.count)]
+        head_calls += [q for w in wgrad_calls for q in (fwd, dgrad, w)]
     return layer_fwd * layers + head_calls + layer_bwd * layers
 
 

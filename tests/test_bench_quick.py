@@ -136,10 +136,12 @@ def test_products_bench_quick_counts_every_product_of_a_step(tmp_path, monkeypat
     assert r["tokens"] == 256 and 0 < r["supervised_tokens"] < r["tokens"]
     chunks = math.ceil(r["supervised_tokens"] / r["loss_chunk"])
     assert sum(p["count"] for p in r["products"]) == 21 * L + 3 * chunks
-    fields = ["part", "kind", "m", "k", "n", "count", "chunk"]
+    fields = ["part", "kind", "m", "k", "n", "count", "chunk", "first"]
     order = products.step_order([products.Product(**{k: p[k] for k in fields}) for p in r["products"]], L)
     assert len(order) == 21 * L + 3 * chunks
     assert [p.name for p in order[:7]] == [f"{w}.fwd" for w in ("q", "k", "v", "o", "gate", "up", "down")]
-    assert {p["name"] for p in r["products"] if p["part"] == "head"} >= {f"head.wgrad[{r['loss_chunk']}]"}
+    wgrads = [p for p in r["products"] if p["part"] == "head" and p["kind"] == "wgrad"]
+    assert [p["first"] for p in wgrads].count(True) == 1 and sum(p["count"] for p in wgrads) == chunks
+    assert wgrads[0]["name"] == f"head.wgrad[{wgrads[0]['chunk']},first]"
     assert all(0 < p["ms"] < math.inf for p in r["products"]) and r["sequence_ms"] > 0
     assert len(report["sustained"]["tflops_by_tenth"]) == 10 and report["copy_gbps"] > 0
