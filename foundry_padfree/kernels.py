@@ -170,8 +170,9 @@ if HAS_TRITON:
         dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        sig = 1.0 / (1.0 + tl.exp(-g))
-        s = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty).to(tl.float32)  # as the forward computes it
+        e = 1.0 + tl.exp(-g)
+        sig = 1.0 / e
+        s = (g / e).to(G.dtype.element_ty).to(tl.float32)  # silu as the forward computes it
         # As ATen: silu_backward(dh * up, gate) and dh * silu(gate), each product rounded.
         dhu = (dh * u).to(DG.dtype.element_ty).to(tl.float32)
         tl.store(DG + offs, (dhu * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)

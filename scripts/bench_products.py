@@ -103,18 +103,18 @@ def step_products(shape: str, tokens: int, supervised: int, chunk: int) -> list[
             Product(name, "wgrad", d_out, T, d_in, L),  # dy_TO.T @ x_TI
         ]
     full, last = divmod(supervised, chunk)
+    first = True  # acc_VD (fp32) = g_CV.T @ h_CD for the step's first chunk, += for the others
     for C, count in ((chunk, full), (last, 1 if last else 0)):
         if count:
             products += [
                 Product("head", "fwd", C, D, V, count, C),  # h_CD @ W_VD.T: logits
                 Product("head", "dgrad", C, V, D, count, C),  # g_CV @ W_VD
             ]
-            # acc_VD (fp32) = g_CV.T @ h_CD for the step's first chunk, += for the others.
-            first = not any(p.first for p in products)
             if first:
                 products.append(Product("head", "wgrad", V, C, D, 1, C, first=True))
             if count - first:
                 products.append(Product("head", "wgrad", V, C, D, count - first, C))
+            first = False
     return products
 
 

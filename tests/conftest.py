@@ -52,6 +52,18 @@ def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Te
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.fixture
+def folded_layers(monkeypatch) -> list[int]:
+    """A list that gets one entry per call of `modeling._folded_layer` (the eager block with its
+    residual adds folded in), which still runs as before."""
+    from foundry_padfree import modeling
+
+    calls: list[int] = []
+    folded = modeling._folded_layer
+    monkeypatch.setattr(modeling, "_folded_layer", lambda *a: calls.append(1) or folded(*a))
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

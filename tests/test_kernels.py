@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from foundry_padfree import modeling
 from foundry_padfree.modeling import _SharedInputLinears
 from tests.conftest import loss_and_grads, packed_lm_batch, tiny_model
 
@@ -90,19 +89,16 @@ def test_shared_input_linears_give_autograd_gradients(frozen):
     [("default", True), ("recompute_mlp=False", True), ("autocast_bf16", False), ("mlp_bias", False),
      ("attention_bias", False), ("gelu", False), ("fused_kernels=False", False)],
 )  # fmt: skip
-def test_the_eager_block_folds_its_residual_adds_only_where_it_may(case, folds, monkeypatch):
+def test_the_eager_block_folds_its_residual_adds_only_where_it_may(case, folds, folded_layers):
     # Folded: the residual adds in the o/down products' epilogues and the residual gradient inside the
     # norms' backward. Same loss and gradients as the block's formula (fused_kernels=False, fp32).
-    calls = []
-    folded = modeling._folded_layer
-    monkeypatch.setattr(modeling, "_folded_layer", lambda *a: calls.append(1) or folded(*a))
     overrides = {"mlp_bias": dict(mlp_bias=True), "attention_bias": dict(attention_bias=True),
                  "fused_kernels=False": dict(fused_kernels=False), "gelu": dict(hidden_act="gelu"),
                  "recompute_mlp=False": dict(recompute_mlp=False)}.get(case, {})  # fmt: skip
     batch = packed_lm_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast_bf16"):
         loss, grads = loss_and_grads(tiny_model(**overrides).train(), batch)
-    assert len(calls) == (2 if folds else 0), case
+    assert len(folded_layers) == (2 if folds else 0), case
     if folds:
         ref_loss, ref_grads = loss_and_grads(tiny_model(**overrides, fused_kernels=False).train(), batch)
         torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
@@ -110,20 +106,17 @@ def test_the_eager_block_folds_its_residual_adds_only_where_it_may(case, folds, 
             torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_the_block_folds_under_autocast_when_weights_are_already_in_its_dtype(monkeypatch):
+def test_the_block_folds_under_autocast_when_weights_are_already_in_its_dtype(folded_layers):
     # bf16 weights under bf16 autocast (FSDP's PURE mixed precision with amp_bf16): the residual
     # stream and the products share one dtype, so the block folds; results as the block's formula
     # under the same autocast, within bf16 rounding.
-    calls = []
-    folded = modeling._folded_layer
-    monkeypatch.setattr(modeling, "_folded_layer", lambda *a: calls.append(1) or folded(*a))
     batch = packed_lm_batch()
     results = []
     for fused in (True, False):
         model = tiny_model(fused_kernels=fused).to(torch.bfloat16).train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results.append(loss_and_grads(model, batch))
-    assert len(calls) == 2
+    assert len(folded_layers) == 2
     (loss, grads), (ref_loss, ref_grads) = results
     torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=1e-2)
     for name, g in grads.items():
