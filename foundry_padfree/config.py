@@ -36,7 +36,8 @@ class PadFreeLlamaConfig(LlamaConfig):
             (CPU included) without autocast, or under autocast in the weights' dtype, it also
             folds each block's residual adds into the products and norms next to them and sums
             the gradient of the q/k/v (and gate/up) input inside their backward products, instead
-            of in passes of their own.
+            of in passes of their own. With tied 16-bit embeddings on CUDA, the embedding's backward
+            writes the shared weight's whole gradient (the head's plus its own) in one pass.
         recompute_mlp: keep each MLP's gate and up projections but not `silu(gate) * up` for the
             backward, which recomputes it: one `[T, intermediate_size]` tensor less per layer
             (2 GiB for 8k tokens of Llama-3.2-1B); with the fused kernels the recomputation comes

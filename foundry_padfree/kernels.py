@@ -57,11 +57,14 @@ def _num_sms(device: torch.device) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _rms_norm_fwd_kernel(X, W, Y, RSTD, D, eps, BLOCK_D: tl.constexpr):
+    def _rms_norm_fwd_kernel(X, W, Y, RSTD, X_COPY, D, eps, COPY: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
-        x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        x_in = tl.load(X + row * D + cols, mask=mask, other=0.0)
+        if COPY:  # the input's copy for the residual stream, from the read the norm makes anyway
+            tl.store(X_COPY + row * D + cols, x_in, mask=mask)
+        x = x_in.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
         n = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -101,18 +104,20 @@ class _RMSNormTriton(torch.autograd.Function):
         D = x_TD.shape[-1]
         x2_TD = x_TD.reshape(-1, D).contiguous()
         T = x2_TD.shape[0]
-        y_TD = torch.empty(x2_TD.shape, dtype=torch.promote_types(x_TD.dtype, weight_D.dtype), device=x_TD.device)
+        # In x's shape, contiguous: outputs that are not views, so that the caller may update them in place.
+        y_TD = torch.empty(x_TD.shape, dtype=torch.promote_types(x_TD.dtype, weight_D.dtype), device=x_TD.device)
         rstd_T = torch.empty(T, dtype=torch.float32, device=x_TD.device)
+        copy_TD = torch.empty(x_TD.shape, dtype=x_TD.dtype, device=x_TD.device) if pass_input else y_TD
         block = triton.next_power_of_2(D)
         if T:
-            warps = _row_warps(block)
-            _rms_norm_fwd_kernel[(T,)](x2_TD, weight_D, y_TD, rstd_T, D, eps, BLOCK_D=block, num_warps=warps)
+            _rms_norm_fwd_kernel[(T,)](
+                x2_TD, weight_D, y_TD, rstd_T, copy_TD, D, eps,
+                COPY=pass_input, BLOCK_D=block, num_warps=_row_warps(block),
+            )  # fmt: skip
         ctx.save_for_backward(x2_TD, weight_D, rstd_T)
         ctx.x_shape = x_TD.shape
         ctx.set_materialize_grads(False)
-        y_TD = y_TD.view(x_TD.shape)
-        # Returned as is, the input comes back as a view that autograd routes through backward.
-        return (y_TD, x_TD) if pass_input else y_TD
+        return (y_TD, copy_TD) if pass_input else y_TD
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor | None, grad_input_TD: Tensor | None = None):
@@ -142,10 +147,11 @@ def rms_norm(x_TD: Tensor, weight_D: Tensor, eps: float, pass_input: bool = Fals
     """LlamaRMSNorm of `x_TD` (..., D) with weight (D,): one kernel forward, one backward, which
     keeps only `x` and the `[T]` fp32 inverse norms.
 
-    `pass_input`: return `(y, x)`, where `x` is the input passed through, for a caller that uses
-    the input again (the residual stream): the gradient reaching that second use is added to the
-    norm's input gradient inside the backward kernel, instead of autograd adding the two in a pass
-    of its own."""
+    `pass_input`: return `(y, x)`, where `x` is a copy of the input that the forward kernel writes
+    from the read it makes anyway, for a caller that uses the input again (the residual stream) and
+    may update it in place (`addmm_` of the next residual add, without a copy of its own). The
+    gradient reaching that second use is added to the norm's input gradient inside the backward
+    kernel, instead of autograd adding the two in a pass of its own."""
     return _RMSNormTriton.apply(x_TD, weight_D, eps, pass_input)
 
 
@@ -345,3 +351,77 @@ def scale_cast(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
         grid = (triton.cdiv(n, _ELEMENTWISE_BLOCK),)
         _scale_cast_kernel[grid](x, scale.to(x.dtype), y, n, BLOCK=_ELEMENTWISE_BLOCK, num_warps=8)
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight gradient of an embedding tied to the output head: y = (head * s + E).to(dtype), E[v] the
+# sum of the embedding output's gradient rows of the tokens whose id is v.
+
+_SCAN_CHUNK = 32  # sorted token positions per scanned chunk (`_chunk_scan_kernel`)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _chunk_scan_kernel(G, ORDER, SCAN, T, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+        """SCAN[i] = sum of G[ORDER[j]] over j from the start of i's chunk of CHUNK positions to i, fp32."""
+        pos = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        ok = pos < T
+        mask = ok[:, None] & (cols < D)[None, :]
+        token = tl.load(ORDER + pos, mask=ok, other=0).to(tl.int64)
+        g = tl.load(G + token[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(SCAN + pos[:, None] * D + cols[None, :], tl.cumsum(g, axis=0), mask=mask)
+
+    @triton.jit
+    def _tied_embedding_grad_kernel(
+        HEAD, S, STARTS, SCAN, Y, D, padding_idx, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        y = tl.load(HEAD + row * D + cols, mask=mask, other=0.0).to(tl.float32) * tl.load(S)
+        start = tl.load(STARTS + row)
+        end = tl.where(row == padding_idx, start, tl.load(STARTS + row + 1))
+        if end > start:
+            # The sorted positions [start, end) hold this row's tokens: per chunk they span, the scan
+            # at their last position there, less the scan just before `start` in the first chunk.
+            for chunk in range(start // CHUNK, (end - 1) // CHUNK + 1):
+                last = tl.minimum(end, (chunk + 1) * CHUNK) - 1
+                y += tl.load(SCAN + last * D + cols, mask=mask, other=0.0)
+            if start % CHUNK != 0:
+                y -= tl.load(SCAN + (start - 1) * D + cols, mask=mask, other=0.0)
+        tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def tied_embedding_grad(
+    head_grad_VD: Tensor, scale: Tensor, ids_T: Tensor, grad_TD: Tensor, padding_idx: int | None, dtype: torch.dtype
+) -> Tensor:
+    """The gradient of a `[V,D]` weight shared by the input embedding and the output head, in one
+    pass over `[V,D]`: `(head_grad_VD * scale + E).to(dtype)`, where row v of the embedding's
+    gradient E sums the rows of `grad_TD` (T, D) whose token `ids_T` (T,) is v (none for
+    `padding_idx`, as `nn.Embedding` leaves that row). `head_grad_VD`: contiguous fp32, `scale`: a
+    0-dim tensor.
+
+    E is never built densely: the tokens are sorted by id (stably, so the sums are deterministic),
+    `_SCAN_CHUNK` sorted rows at a time are summed cumulatively in fp32, and each vocabulary row
+    adds the scans at its tokens' ends; a frequent token costs one load per chunk it spans. PyTorch
+    instead writes a zero-filled `[V,D]` embedding gradient and then adds the two gradients."""
+    if not head_grad_VD.is_contiguous() or head_grad_VD.dtype != torch.float32:
+        raise ValueError("tied_embedding_grad needs the head's gradient as a contiguous fp32 tensor.")
+    V, D = head_grad_VD.shape
+    T = ids_T.numel()
+    ids_T, grad_TD = ids_T.reshape(T), grad_TD.reshape(T, D).contiguous()
+    order_T = torch.argsort(ids_T, stable=True)
+    starts = torch.searchsorted(ids_T[order_T], torch.arange(V + 1, device=ids_T.device, dtype=ids_T.dtype))
+    scan_TD = torch.empty(T, D, dtype=torch.float32, device=grad_TD.device)
+    if T:
+        grid = (triton.cdiv(T, _SCAN_CHUNK), triton.cdiv(D, 256))
+        _chunk_scan_kernel[grid](grad_TD, order_T, scan_TD, T, D, CHUNK=_SCAN_CHUNK, BLOCK_D=256, num_warps=4)
+    y_VD = torch.empty_like(head_grad_VD, dtype=dtype)
+    if V:
+        block = triton.next_power_of_2(D)
+        _tied_embedding_grad_kernel[(V,)](
+            head_grad_VD, scale.to(torch.float32), starts, scan_TD, y_VD, D, -1 if padding_idx is None else padding_idx,
+            CHUNK=_SCAN_CHUNK, BLOCK_D=block, num_warps=_row_warps(block),
+        )  # fmt: skip
+    return y_VD

@@ -84,6 +84,25 @@ def linear_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
 
 
+class DeferredHeadGrad:
+    """Hands the output head's weight gradient, fp32 and not yet scaled by the loss's gradient, from
+    the loss's backward to the backward of an input embedding that shares the weight, which then
+    writes the weight's whole gradient in one pass (`kernels.tied_embedding_grad`) instead of
+    autograd adding two `[V,D]` gradients, one of them a mostly-zero embedding gradient. One per
+    forward; autograd runs the loss's backward before the embedding's, which depends on it."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[Tensor, Tensor] | None = None
+
+    def put(self, head_grad_VD: Tensor, scale: Tensor) -> None:
+        self._pending = (head_grad_VD, scale)
+
+    def take(self) -> tuple[Tensor, Tensor] | None:
+        """(fp32 head gradient, scale), or None when the loss was not part of this backward."""
+        pending, self._pending = self._pending, None
+        return pending
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -95,6 +114,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_grad: bool,
         compile_backend: str | None,
         fused: bool,
+        deferred: DeferredHeadGrad | None,
     ) -> Tensor:
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_TD.device)
         grad_h_TD = torch.empty_like(h_TD) if need_grad else None
@@ -102,7 +122,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w_VD = None
         if need_grad:
             grad_w_VD = (torch.empty_like if h_TD.shape[0] else torch.zeros_like)(w_VD, dtype=torch.float32)
-        ctx.w_dtype, ctx.fused = w_VD.dtype, fused
+        ctx.w_dtype, ctx.fused, ctx.deferred = w_VD.dtype, fused, deferred
         # Under autocast the head runs in the autocast dtype, as nn.Linear would; casts are explicit
         # below so that every product has one input dtype.
         device_type = h_TD.device.type
@@ -141,11 +161,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h_TD, grad_w_VD = ctx.saved_tensors
         grad_h = grad_h_TD * grad_loss.to(grad_h_TD.dtype) if ctx.needs_input_grad[0] else None
         grad_w = None
-        if ctx.needs_input_grad[1] and ctx.fused and kernels.usable(grad_w_VD):
+        if ctx.needs_input_grad[1] and ctx.deferred is not None:  # the tied embedding's backward finishes it
+            ctx.deferred.put(grad_w_VD, grad_loss)
+        elif ctx.needs_input_grad[1] and ctx.fused and kernels.usable(grad_w_VD):
             grad_w = kernels.scale_cast(grad_w_VD, grad_loss, ctx.w_dtype)
         elif ctx.needs_input_grad[1]:  # scaled and cast in one pass over the fp32 `[V,D]`
             grad_w = torch.mul(grad_w_VD, grad_loss, out=torch.empty_like(grad_w_VD, dtype=ctx.w_dtype))
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -156,6 +178,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     compile_backend: str | None = None,
     fused: bool = True,
+    deferred_weight_grad: DeferredHeadGrad | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of `h_TD @ weight_VD.T` against `targets_T`, computed `chunk` tokens at a time.
 
@@ -170,6 +193,8 @@ def linear_cross_entropy(
             (one fused pass over the logits instead of several), or eagerly when None. Same result.
         fused: compute it with the in-place Triton kernel instead where `kernels.usable` (CUDA):
             two reads and one write of each chunk's logits, no fp32 `[C,V]` temporary.
+        deferred_weight_grad: hand `weight_VD`'s gradient to the backward of the input embedding
+            that shares it instead of returning it (`DeferredHeadGrad`); that backward must run.
 
     Returns:
         (loss, number of tokens with a target), both 0-dim tensors on the device (no sync).
@@ -178,7 +203,9 @@ def linear_cross_entropy(
         raise ValueError(f"loss reduction={reduction!r} is not supported; use 'mean' or 'sum'.")
     num_targets = (targets_T != IGNORE_INDEX).sum()
     need_grad = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
-    loss_sum = _ChunkedLinearCrossEntropy.apply(h_TD, weight_VD, targets_T, chunk, need_grad, compile_backend, fused)
+    loss_sum = _ChunkedLinearCrossEntropy.apply(
+        h_TD, weight_VD, targets_T, chunk, need_grad, compile_backend, fused, deferred_weight_grad
+    )
     if reduction == "sum":
         return loss_sum, num_targets
     return loss_sum / num_targets.clamp(min=1), num_targets

@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPas
 from foundry_padfree import kernels
 from foundry_padfree.attention import Backend, resolve_backend
 from foundry_padfree.config import PadFreeLlamaConfig
-from foundry_padfree.loss import linear_cross_entropy, linear_dtype
+from foundry_padfree.loss import DeferredHeadGrad, linear_cross_entropy, linear_dtype
 from foundry_padfree.varlen import VarlenMeta, unpad
 
 # RoPE variants whose frequencies do not depend on the batch (dynamic ones rescale with the longest
@@ -46,9 +46,9 @@ class PadFreeRMSNorm(nn.Module):
         self.fused = fused
 
     def forward(self, x_TD: Tensor, pass_input: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The norm of `x_TD`; with `pass_input`, `(norm, x_TD)`: the input passed through for a second
-        use (the residual stream), whose gradient the backward adds to the norm's own (see
-        `kernels.rms_norm`)."""
+        """The norm of `x_TD`; with `pass_input`, `(norm, copy of x_TD)`: the input passed through for a
+        second use (the residual stream), which the caller may update in place, and whose gradient
+        the backward adds to the norm's own (see `kernels.rms_norm`)."""
         if self.fused and kernels.usable(x_TD):
             return kernels.rms_norm(x_TD, self.weight, self.variance_epsilon, pass_input)
         return _RMSNorm.apply(x_TD, self.weight, self.variance_epsilon, pass_input)
@@ -67,7 +67,7 @@ class _RMSNorm(torch.autograd.Function):
         ctx.save_for_backward(x_TD, weight_D, rstd_T1)
         ctx.set_materialize_grads(False)
         y_TD = weight_D * (x32_TD * rstd_T1).to(x_TD.dtype)
-        return (y_TD, x_TD) if pass_input else y_TD
+        return (y_TD, x_TD.clone()) if pass_input else y_TD
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor | None, grad_input_TD: Tensor | None = None):
@@ -236,8 +236,9 @@ class _SiluMulDown(torch.autograd.Function):
     Under autocast the product and the weight are cast to autocast's dtype as `nn.Linear` would be,
     and that cast weight is what is kept (autocast's linear keeps the same copy).
 
-    `residual_TD` (no bias, already in the product's dtype): added to the output in the product's
-    epilogue (`addmm`); its gradient is the output's, passed back unchanged."""
+    `residual_TD` (no bias, already in the product's dtype): the product is added to it in place,
+    in the product's epilogue (`addmm_`), and it is returned; its gradient is the output's, passed
+    back unchanged."""
 
     @staticmethod
     def forward(
@@ -258,7 +259,8 @@ class _SiluMulDown(torch.autograd.Function):
                 out_TD = torch.nn.functional.linear(h_TF, w_DF, None if bias_D is None else bias_D.to(dtype))
             else:
                 assert bias_D is None and residual_TD.dtype == dtype, "residual: no bias, one dtype (see _folds)"
-                out_TD = torch.addmm(residual_TD, h_TF, w_DF.t())
+                out_TD = residual_TD.addmm_(h_TF, w_DF.t())
+                ctx.mark_dirty(residual_TD)
         ctx.save_for_backward(gate_TF, up_TF, w_DF)
         ctx.fused, ctx.has_bias = fused, bias_D is not None
         ctx.dtypes = (weight_DF.dtype, None if bias_D is None else bias_D.dtype)
@@ -395,21 +397,22 @@ def _folded_layer(
 ) -> Tensor:
     """The block as `_attention_inputs` and `_attention_output_and_mlp` compute it, for eager runs
     (`_folds`; torch.compile does its own fusing), with fewer passes over `[T,D]`: each residual add
-    rides in the epilogue of the output product before it (`addmm`, the o and down products); the
-    gradient that comes back along the residual stream is added inside the backward kernel of the
-    norm that reads the same tensor (`pass_input`); and q/k/v, like gate/up, sum their input's
-    gradient inside their backward products (`_SharedInputLinears`)."""
+    rides in the epilogue of the output product after the norm that read the residual (`addmm_`,
+    the o and down products, in place on the copy of the residual that the norm's kernel writes
+    from its read, `pass_input`); the gradient that comes back along the residual stream is added
+    inside that norm's backward kernel; and q/k/v, like gate/up, sum their input's gradient inside
+    their backward products (`_SharedInputLinears`)."""
     attn, mlp = layer.self_attn, layer.mlp
     n_TD, x_TD = layer.input_layernorm(x_TD, pass_input=True)
     qkv = _SharedInputLinears.apply(n_TD, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
     o_TNH = backend.attend(*attn.heads(*qkv, *rope), meta, attn.scaling)
-    x_TD = torch.addmm(x_TD, o_TNH.flatten(1), attn.o_proj.weight.t())
+    x_TD = x_TD.addmm_(o_TNH.flatten(1), attn.o_proj.weight.t())  # in place: x_TD is the norm's copy
     n_TD, x_TD = layer.post_attention_layernorm(x_TD, pass_input=True)
     gate_TF, up_TF = _SharedInputLinears.apply(n_TD, mlp.gate_proj.weight, mlp.up_proj.weight)
     fused = kernels.usable(gate_TF)
     if mlp.recompute:
         return _SiluMulDown.apply(gate_TF, up_TF, mlp.down_proj.weight, None, fused, x_TD)
-    return torch.addmm(x_TD, _SiluMul.apply(gate_TF, up_TF, fused), mlp.down_proj.weight.t())
+    return x_TD.addmm_(_SiluMul.apply(gate_TF, up_TF, fused), mlp.down_proj.weight.t())
 
 
 def _mark_dynamic(*values: Any) -> None:
@@ -449,6 +452,30 @@ def _compiled_regions(backend: str) -> tuple[Callable, Callable]:
     # Module-level functions taking the layer as an argument: dynamo lifts each layer's weights as
     # graph inputs, so the layers share one compiled graph per region instead of one per layer.
     return torch.compile(_attention_inputs, backend=backend), torch.compile(_attention_output_and_mlp, backend=backend)
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    """`nn.Embedding`'s lookup of a weight that the output head shares, whose backward writes the
+    weight's whole gradient: the head's, which the loss left in `head_grad` (`DeferredHeadGrad`),
+    plus the embedding's own rows, in one pass (`kernels.tied_embedding_grad`)."""
+
+    @staticmethod
+    def forward(ctx, ids_T: Tensor, weight_VD: Tensor, padding_idx: int | None, head_grad: DeferredHeadGrad):
+        ctx.save_for_backward(ids_T)
+        ctx.padding_idx, ctx.head_grad = padding_idx, head_grad
+        ctx.num_weights, ctx.w_dtype = weight_VD.shape[0], weight_VD.dtype
+        return torch.nn.functional.embedding(ids_T, weight_VD, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):
+        (ids_T,) = ctx.saved_tensors
+        head = ctx.head_grad.take()
+        if head is None:  # the loss was not part of this backward: the embedding's gradient alone
+            pad = -1 if ctx.padding_idx is None else ctx.padding_idx
+            grad_w = torch.ops.aten.embedding_dense_backward(grad_TD, ids_T, ctx.num_weights, pad, False)
+        else:
+            grad_w = kernels.tied_embedding_grad(*head, ids_T, grad_TD, ctx.padding_idx, ctx.w_dtype)
+        return None, grad_w, None, None
 
 
 class PadFreePreTrainedModel(PreTrainedModel):
@@ -518,12 +545,21 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def forward_tokens(self, input_ids_T: Tensor, meta: VarlenMeta) -> Tensor:
-        """Run the decoder on packed tokens: (T,) int64 ids -> (T, D) final hidden states."""
+    def forward_tokens(
+        self, input_ids_T: Tensor, meta: VarlenMeta, head_grad: DeferredHeadGrad | None = None
+    ) -> Tensor:
+        """Run the decoder on packed tokens: (T,) int64 ids -> (T, D) final hidden states.
+
+        `head_grad`: the output head, which shares the embedding's weight, hands its gradient over
+        there (`PadFreeLlamaForCausalLM._deferred_head_grad`)."""
         backend = self.attention_backend(input_ids_T.device)
         group = self.config.num_attention_heads // self.config.num_key_value_heads
         meta = backend.prepare(meta, group, _head_dim(self.config))  # once per forward, for every layer
-        x_TD = self.embed_tokens(input_ids_T)
+        if head_grad is None:
+            x_TD = self.embed_tokens(input_ids_T)
+        else:
+            embed = self.embed_tokens
+            x_TD = _TiedEmbedding.apply(input_ids_T, embed.weight, embed.padding_idx, head_grad)
         rope = self.rotary_emb(meta.position_ids_T, x_TD.dtype)
         checkpointing = self.gradient_checkpointing and self.training
         if self.compile_backend is not None and backend.traceable is not None and not checkpointing:
@@ -670,7 +706,8 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                 input_ids, attention_mask, sequence_id, position_ids, labels,
                 self.config.max_position_embeddings, self.config.vocab_size, self.model.embed_tokens.weight.device,
             )  # fmt: skip
-        x_TD = self.model.forward_tokens(batch.input_ids_T, batch.meta)
+        head_grad = self._deferred_head_grad() if labels is not None else None
+        x_TD = self.model.forward_tokens(batch.input_ids_T, batch.meta, head_grad)
 
         loss = num_loss_tokens = None
         if labels is not None:
@@ -683,6 +720,7 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                 "sum" if num_items_in_batch is not None else loss_reduction,
                 compile_backend=self.loss_compile_backend,
                 fused=self.config.fused_kernels,
+                deferred_weight_grad=head_grad,
             )
             if num_items_in_batch is not None:
                 loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
@@ -691,6 +729,26 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         logits = self._logits(x_TD, batch.meta, logits_to_keep) if return_logits else None
         out = PadFreeCausalLMOutput(loss=loss, logits=logits, num_loss_tokens=num_loss_tokens)
         return out.to_tuple() if return_dict is False else out
+
+    def _deferred_head_grad(self) -> DeferredHeadGrad | None:
+        """A hand-over of the loss head's weight gradient to the embedding's backward
+        (`_TiedEmbedding`) when the two share one trained 16-bit weight (tied embeddings; FSDP
+        `PURE`), the fused kernels are on and usable, and both are the plain modules; else None."""
+        embed, head, w = self.model.embed_tokens, self.lm_head, self.lm_head.weight
+        return (
+            DeferredHeadGrad()
+            if self.config.fused_kernels
+            and torch.is_grad_enabled()
+            and w.requires_grad
+            and w.dtype in (torch.bfloat16, torch.float16)
+            and kernels.usable(w)
+            and type(embed) is nn.Embedding
+            and type(head) is nn.Linear
+            and embed.weight is w
+            and embed.max_norm is None
+            and not (embed.scale_grad_by_freq or embed.sparse)
+            else None
+        )
 
     def _logits(self, x_TD: Tensor, meta: VarlenMeta, logits_to_keep: int | Tensor) -> Tensor:
         """`[B,S,V]` logits (zeros at padding), or those of the positions `logits_to_keep` selects."""

@@ -69,10 +69,12 @@ def test_rms_norm_passes_its_input_through_and_adds_its_gradient(K, dtype):
     w = (1 + 0.1 * torch.randn(48)).to(dtype).requires_grad_()
     grad_y, grad_x = torch.randn(23, 48, dtype=dtype), torch.randn(23, 48, dtype=dtype)
     y, passed = K.rms_norm(x, w, 1e-5, pass_input=True)
-    assert torch.equal(passed, x) and passed.data_ptr() == x.data_ptr()
-    dx, dw = torch.autograd.grad((y, passed), (x, w), (grad_y, grad_x))
+    assert torch.equal(passed, x) and passed.data_ptr() != x.data_ptr()  # a copy, the caller's to update
+    passed.mul_(3.0)  # updated in place, as the next residual add does: the backward uses x itself
+    dx, dw = torch.autograd.grad((y, passed), (x, w), (grad_y, grad_x / 3.0))
     y_ref, passed_ref = _RMSNorm.apply(x, w, 1e-5, True)
-    dx_ref, dw_ref = torch.autograd.grad((y_ref, passed_ref), (x, w), (grad_y, grad_x))
+    assert torch.equal(passed_ref, x) and passed_ref.data_ptr() != x.data_ptr()
+    dx_ref, dw_ref = torch.autograd.grad((y_ref, passed_ref.mul_(3.0)), (x, w), (grad_y, grad_x / 3.0))
     torch.testing.assert_close(y, y_ref, **_tol(dtype))
     torch.testing.assert_close(dx, dx_ref, **_tol(dtype))
     torch.testing.assert_close(dw.float(), dw_ref.float(), atol=1e-5 if dtype == torch.float32 else 0.1, rtol=2e-2)
@@ -147,6 +149,63 @@ def test_cross_entropy_grad_in_place_matches_the_eager_loss(K, dtype):
     nll = K.cross_entropy_grad_(logits, targets)  # logits now hold the gradient
     torch.testing.assert_close(nll.sum(), nll_sum, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(logits.float(), grad_ref.float(), atol=1e-6 if dtype == torch.float32 else 4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding_idx", [None, 5])
+def test_tied_embedding_grad_matches_the_head_gradient_plus_the_embedding_backward(K, dtype, padding_idx):
+    # 150 tokens: id 5 appears 80 times (3 to 4 scanned chunks of 32, starting mid-chunk), ids 0..9
+    # the rest, most of the 40 rows none; unsorted.
+    V, D = 40, 72
+    ids = torch.cat([torch.full((80,), 5), torch.randint(0, 10, (70,))])[torch.randperm(150)]
+    head, grad = torch.randn(V, D), torch.randn(150, D).to(dtype)
+    scale = torch.tensor(0.3)
+    y = K.tied_embedding_grad(head, scale, ids, grad, padding_idx, dtype)
+    pad = -1 if padding_idx is None else padding_idx
+    emb = torch.ops.aten.embedding_dense_backward(grad.double(), ids, V, pad, False)
+    ref = head.double() * 0.3 + emb
+    assert y.dtype == dtype and y.shape == (V, D)
+    torch.testing.assert_close(y.double(), ref.to(dtype).double(), **_tol(dtype))
+    if padding_idx is not None:
+        torch.testing.assert_close(y[5], (head[5] * scale).to(dtype), **_tol(dtype))  # its 80 tokens left out
+    # No tokens: the head's gradient alone.
+    empty = K.tied_embedding_grad(head, scale, ids[:0], grad[:0], None, dtype)
+    torch.testing.assert_close(empty, (head * scale).to(dtype), **_tol(dtype))
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        K.tied_embedding_grad(head.to(dtype) if dtype != torch.float32 else head.t(), scale, ids, grad, None, dtype)
+
+
+def test_a_tied_head_hands_its_weight_gradient_to_the_embedding(K, monkeypatch):
+    # bf16 weights shared by the embedding and the head: the loss's backward leaves the head's
+    # gradient for the embedding's, which writes the weight's whole gradient once.
+    from foundry_padfree import modeling
+
+    batch = packed_lm_batch()
+    calls = []
+    fn = K.tied_embedding_grad
+    monkeypatch.setattr(K, "tied_embedding_grad", lambda *a: calls.append(1) or fn(*a))
+    model = tiny_model(tie_word_embeddings=True).to(torch.bfloat16).train()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    loss, grads = loss_and_grads(model, batch)
+    assert len(calls) == 1
+    monkeypatch.setattr(modeling.PadFreeLlamaForCausalLM, "_deferred_head_grad", lambda self: None)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    assert len(calls) == 1 and torch.equal(loss, ref_loss)
+    # The two sums round differently (here once; there each gradient, then their sum).
+    torch.testing.assert_close(grads.pop("model.embed_tokens.weight"), ref_grads.pop("model.embed_tokens.weight"),
+                               atol=1e-2, rtol=1.6e-2)  # fmt: skip
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+    # A backward without the loss in it (logits only): the embedding's gradient alone, plus the
+    # head's through autograd, as untied.
+    monkeypatch.undo()
+    model.zero_grad()
+    model(**batch, return_logits=True).logits.float().square().mean().backward()
+    grad = model.model.embed_tokens.weight.grad.clone()
+    monkeypatch.setattr(modeling.PadFreeLlamaForCausalLM, "_deferred_head_grad", lambda self: None)
+    model.zero_grad()
+    model(**batch, return_logits=True).logits.float().square().mean().backward()
+    assert torch.equal(grad, model.model.embed_tokens.weight.grad)
 
 
 def test_cross_entropy_grad_refuses_strided_logits(K):

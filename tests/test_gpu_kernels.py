@@ -218,8 +218,31 @@ def test_fused_kernels_at_llama_1b_sizes_against_fp32(kernel):
         assert err <= 2 * pt_err + 1e-5, (i, err, pt_err)
 
 
+def test_tied_embedding_grad_at_llama_1b_sizes_against_fp64():
+    # Zipf-like ids over a 128k vocabulary: one id 2,000 times in 8k tokens, most rows none.
+    _needs_triton()
+    from foundry_padfree import kernels
+
+    torch.manual_seed(0)
+    V, D, T = 128256, 2048, 8192
+    ranks = torch.distributions.Pareto(1.0, 1.0).sample((T,)).long().clamp(max=V) - 1
+    ids = torch.randperm(V)[ranks].cuda()
+    head, grad = torch.randn(V, D, device="cuda"), torch.randn(T, D, device="cuda").bfloat16()
+    scale = torch.tensor(1 / 7000, device="cuda")
+    ref = head.double() * scale.double()
+    ref.index_add_(0, ids, grad.double())
+    ours = kernels.tied_embedding_grad(head, scale, ids, grad, None, torch.bfloat16)
+    # PyTorch's: the head's gradient cast, the dense embedding gradient, their sum in bf16.
+    theirs = (head * scale).bfloat16() + torch.ops.aten.embedding_dense_backward(grad, ids, V, -1, False)
+    err, pt_err = _bound(ours, theirs, ref)
+    top = ids.bincount().max().item()
+    print(f"tied embedding grad: max|ours-fp64|={err:.3e} max|torch bf16-fp64|={pt_err:.3e}; top id {top}x")
+    assert err <= pt_err + 1e-6  # ours rounds once, theirs three times
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["", "tied"])
 @pytest.mark.parametrize("recompute_mlp", [False, True])
-def test_training_step_on_the_fused_kernels_in_bf16(recompute_mlp):
+def test_training_step_on_the_fused_kernels_in_bf16(recompute_mlp, tied):
     _needs_triton()
     torch.manual_seed(0)
     lens = [1, 40, 300, 77, 600, 5]
@@ -229,11 +252,12 @@ def test_training_step_on_the_fused_kernels_in_bf16(recompute_mlp):
     labels[0, 50:120] = -100
     shape = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=1024)  # fmt: skip
-    reference = tiny_model(**shape)
+    reference = tiny_model(**shape, tie_word_embeddings=tied)
 
     def run(dtype, fused):
         backend = "sdpa" if dtype == torch.float32 else "auto"  # the varlen kernels take bf16/fp16 only
-        model = tiny_model(**shape, attn_backend=backend, fused_kernels=fused, recompute_mlp=recompute_mlp).train()
+        model = tiny_model(**shape, attn_backend=backend, fused_kernels=fused, recompute_mlp=recompute_mlp,
+                           tie_word_embeddings=tied).train()  # fmt: skip
         model.load_state_dict(reference.state_dict())
         model = model.to("cuda", dtype)
         loss = model(ids, position_ids=positions, labels=labels).loss
