@@ -71,7 +71,8 @@ if HAS_TRITON:
         tl.store(Y + row * D + cols, (w * n).to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + row, rstd)
 
-    @triton.jit
+    # T changes every batch: one compiled variant for all (Triton would specialize on T % 16).
+    @triton.jit(do_not_specialize=["T", "rows_per_program"])
     def _rms_norm_bwd_kernel(
         DY, X, W, RSTD, DRES, DX, DW_PARTIAL, T, D, rows_per_program, HAS_DRES: tl.constexpr, BLOCK_D: tl.constexpr
     ):
@@ -361,7 +362,7 @@ _SCAN_CHUNK = 32  # sorted token positions per scanned chunk (`_chunk_scan_kerne
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _chunk_scan_kernel(G, ORDER, SCAN, T, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
         """SCAN[i] = sum of G[ORDER[j]] over j from the start of i's chunk of CHUNK positions to i, fp32."""
         pos = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)

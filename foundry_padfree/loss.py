@@ -115,6 +115,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         compile_backend: str | None,
         fused: bool,
         deferred: DeferredHeadGrad | None,
+        all_targets: bool,
     ) -> Tensor:
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_TD.device)
         grad_h_TD = torch.empty_like(h_TD) if need_grad else None
@@ -147,9 +148,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     nll_sum, g_CV = _nll_and_grad(logits_CV, t_C, valid_C, need_grad)
                 del logits_CV
                 loss_sum += nll_sum
-                if need_grad:
-                    # d(sum of losses)/d logits = softmax - one_hot(target), zero on ignored tokens:
-                    # zeroed on the [C,D] sides of the two products, not on the [C,V] gradient.
+                if need_grad and all_targets:  # d(sum of losses)/d logits = softmax - one_hot(target)
+                    grad_h_CD = grad_h_TD[start : start + chunk]
+                    if grad_h_CD.dtype == g_CV.dtype:
+                        torch.mm(g_CV, w_VD, out=grad_h_CD)
+                    else:  # under autocast: h's dtype
+                        grad_h_CD.copy_(g_CV @ w_VD)
+                    grad_w_VD = _accumulate_mm(grad_w_VD, g_CV.t(), h_CD, overwrite=start == 0)
+                elif need_grad:
+                    # The same, zero on ignored tokens: zeroed on the [C,D] sides of the two products,
+                    # not on the [C,V] gradient.
                     keep_C1 = valid_C[:, None].to(h_CD.dtype)
                     torch.mul(g_CV @ w_VD, keep_C1, out=grad_h_TD[start : start + chunk])
                     grad_w_VD = _accumulate_mm(grad_w_VD, g_CV.t(), h_CD * keep_C1, overwrite=start == 0)
@@ -167,7 +175,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_w = kernels.scale_cast(grad_w_VD, grad_loss, ctx.w_dtype)
         elif ctx.needs_input_grad[1]:  # scaled and cast in one pass over the fp32 `[V,D]`
             grad_w = torch.mul(grad_w_VD, grad_loss, out=torch.empty_like(grad_w_VD, dtype=ctx.w_dtype))
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -179,6 +187,7 @@ def linear_cross_entropy(
     compile_backend: str | None = None,
     fused: bool = True,
     deferred_weight_grad: DeferredHeadGrad | None = None,
+    all_targets: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of `h_TD @ weight_VD.T` against `targets_T`, computed `chunk` tokens at a time.
 
@@ -195,6 +204,8 @@ def linear_cross_entropy(
             two reads and one write of each chunk's logits, no fp32 `[C,V]` temporary.
         deferred_weight_grad: hand `weight_VD`'s gradient to the backward of the input embedding
             that shares it instead of returning it (`DeferredHeadGrad`); that backward must run.
+        all_targets: the caller guarantees that no target is IGNORE_INDEX (it passes only tokens
+            with a target): the gradient products then skip masking their `[C,D]` inputs.
 
     Returns:
         (loss, number of tokens with a target), both 0-dim tensors on the device (no sync).
@@ -204,7 +215,7 @@ def linear_cross_entropy(
     num_targets = (targets_T != IGNORE_INDEX).sum()
     need_grad = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
     loss_sum = _ChunkedLinearCrossEntropy.apply(
-        h_TD, weight_VD, targets_T, chunk, need_grad, compile_backend, fused, deferred_weight_grad
+        h_TD, weight_VD, targets_T, chunk, need_grad, compile_backend, fused, deferred_weight_grad, all_targets
     )
     if reduction == "sum":
         return loss_sum, num_targets

@@ -711,16 +711,17 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
 
         loss = num_loss_tokens = None
         if labels is not None:
-            sup = batch.supervised_T
+            # index_select: its backward scatters the (distinct) rows back without index's sort.
             loss, num_loss_tokens = linear_cross_entropy(
-                x_TD[sup],
+                x_TD.index_select(0, batch.supervised_T),
                 self.lm_head.weight,
-                batch.targets_T[sup],
+                batch.targets_T[batch.supervised_T],
                 self.config.loss_chunk_size,
                 "sum" if num_items_in_batch is not None else loss_reduction,
                 compile_backend=self.loss_compile_backend,
                 fused=self.config.fused_kernels,
                 deferred_weight_grad=head_grad,
+                all_targets=batch.supervised_have_targets,
             )
             if num_items_in_batch is not None:
                 loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)

@@ -86,6 +86,8 @@ class Unpadded(NamedTuple):
     # a dense batch (no mask, no packing), where every token is listed: without a sync the number of
     # targets is unknown, and the loss skips IGNORE_INDEX ones itself.
     supervised_T: Tensor | None
+    # Whether every token `supervised_T` lists has a target (all but a dense batch's).
+    supervised_have_targets: bool = False
 
 
 def unpad(
@@ -225,7 +227,7 @@ def unpad(
         seq_len=S,
     )
     targets_T = _shift_targets(real_tokens(labels), meta, last_T) if labels is not None else None
-    return Unpadded(meta, real_tokens(input_ids), targets_T, supervised_T)
+    return Unpadded(meta, real_tokens(input_ids), targets_T, supervised_T, supervised_have_targets=True)
 
 
 def _unpad_dense(

@@ -27,6 +27,22 @@ def test_matches_full_logits_cross_entropy(chunk):
     torch.testing.assert_close(gw, w.grad)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
+def test_all_targets_skips_only_the_masking(autocast):
+    # Every token has a target: the unmasked products give the masked ones' loss and gradients.
+    h = torch.randn(13, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (13,))
+    results = []
+    for all_targets in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = linear_cross_entropy(h, w, targets, chunk=5, all_targets=all_targets)
+        results.append((loss, *torch.autograd.grad(loss, (h, w))))
+    for masked, unmasked in zip(*results):
+        assert unmasked.dtype == masked.dtype
+        torch.testing.assert_close(unmasked, masked, rtol=0, atol=0)
+
+
 def test_sum_reduction_and_no_targets():
     h = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(5, 8)
