@@ -141,9 +141,9 @@ def test_audit_fails_on_a_second_unpad(model_dir):
     decoder = model.model.model
     forward_tokens = decoder.forward_tokens
 
-    def unpads_again(ids_T, meta):
+    def unpads_again(ids_T, meta, *args):
         modeling.unpad(ids_T[None])
-        return forward_tokens(ids_T, meta)
+        return forward_tokens(ids_T, meta, *args)
 
     decoder.forward_tokens = unpads_again
     with pytest.raises(PadFreeCheckError, match=r"the forward unpadded 2 times; it must unpad exactly once"):
