@@ -733,8 +733,9 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
 
     def _deferred_head_grad(self) -> DeferredHeadGrad | None:
         """A hand-over of the loss head's weight gradient to the embedding's backward
-        (`_TiedEmbedding`) when the two share one trained 16-bit weight (tied embeddings; FSDP
-        `PURE`), the fused kernels are on and usable, and both are the plain modules; else None."""
+        (`_TiedEmbedding`) when the two share one trained weight (tied embeddings) held in 16 bits
+        (bf16 parameters, as under FSDP's `PURE` mixed precision), the fused kernels are on and
+        usable (CUDA, eager), and both are the plain modules; else None."""
         embed, head, w = self.model.embed_tokens, self.lm_head, self.lm_head.weight
         return (
             DeferredHeadGrad()
