@@ -531,9 +531,12 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         step (one forward and one backward graph; under gradient checkpointing one per layer,
         shared by all). Other backends' kernels stay eager between two graphs per layer, shared by
         all layers. Either way the graphs serve every later batch: no recompilation when T, the
-        number of documents or their lengths change. The embedding and the host-side metadata stay
-        eager. `backend` is `torch.compile`'s (`aot_eager` traces the same graphs without code
-        generation).
+        number of documents or their lengths change, with one exception seen on torch 2.11:
+        inductor fuses the two reductions of a norm's backward only above 5,242,880 elements
+        (hidden size x T) and guards on it, so a batch on the other side of that size from the
+        first one compiles a second graph, once (hidden size 576: 9,102 tokens). The embedding and
+        the host-side metadata stay eager. `backend` is `torch.compile`'s (`aot_eager` traces the
+        same graphs without code generation).
         """
         self.compile_backend = backend
         for layer in self.layers:
