@@ -148,19 +148,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     nll_sum, g_CV = _nll_and_grad(logits_CV, t_C, valid_C, need_grad)
                 del logits_CV
                 loss_sum += nll_sum
-                if need_grad and all_targets:  # d(sum of losses)/d logits = softmax - one_hot(target)
+                if need_grad:
+                    # d(sum of losses)/d logits = softmax - one_hot(target), zero on ignored tokens:
+                    # zeroed on the [C,D] sides of the two products, not on the [C,V] gradient
+                    # (and not at all when the caller guarantees every target).
                     grad_h_CD = grad_h_TD[start : start + chunk]
-                    if grad_h_CD.dtype == g_CV.dtype:
+                    if not all_targets:
+                        keep_C1 = valid_C[:, None].to(h_CD.dtype)
+                        torch.mul(g_CV @ w_VD, keep_C1, out=grad_h_CD)
+                        h_CD = h_CD * keep_C1
+                    elif grad_h_CD.dtype == g_CV.dtype:
                         torch.mm(g_CV, w_VD, out=grad_h_CD)
                     else:  # under autocast: h's dtype
                         grad_h_CD.copy_(g_CV @ w_VD)
                     grad_w_VD = _accumulate_mm(grad_w_VD, g_CV.t(), h_CD, overwrite=start == 0)
-                elif need_grad:
-                    # The same, zero on ignored tokens: zeroed on the [C,D] sides of the two products,
-                    # not on the [C,V] gradient.
-                    keep_C1 = valid_C[:, None].to(h_CD.dtype)
-                    torch.mul(g_CV @ w_VD, keep_C1, out=grad_h_TD[start : start + chunk])
-                    grad_w_VD = _accumulate_mm(grad_w_VD, g_CV.t(), h_CD * keep_C1, overwrite=start == 0)
         ctx.save_for_backward(grad_h_TD, grad_w_VD)
         return loss_sum
 
