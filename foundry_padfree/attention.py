@@ -45,6 +45,10 @@ class Backend(NamedTuple):
     # prepared metadata is all tensors: torch.compile traces it inside a layer's graph.
     traceable: Callable[[Tensor, Tensor, Tensor, object, float], Tensor] | None = None
     max_head_dim: int | None = None  # the largest head dim its kernels take (None: any)
+    # `attend` taking q and k before RoPE, and the (T, H) cos/sin tables (q, k, v, cos, sin, meta,
+    # scale), for a backend that rotates them itself (eager runs: the backward then needs no RoPE
+    # pass of its own). None: RoPE is applied before `attend`.
+    attend_rope: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, VarlenMeta, float], Tensor] | None = None
 
     def takes(self, head_dim: int | None) -> bool:
         return head_dim is None or self.max_head_dim is None or head_dim <= self.max_head_dim
@@ -162,6 +166,13 @@ def _triton_attend(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, meta: VarlenMeta
     return triton_attention.varlen_attention(q_TNH, k_TKH, v_TKH, meta.attn_extra, scale)
 
 
+def _triton_attend_rope(
+    q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, cos_TH: Tensor, sin_TH: Tensor, meta: VarlenMeta, scale: float
+) -> Tensor:  # fmt: skip
+    assert isinstance(meta.attn_extra, triton_attention.Schedules), "triton backend used without prepare(meta)"
+    return triton_attention.varlen_attention(q_TNH, k_TKH, v_TKH, meta.attn_extra, scale, rope=(cos_TH, sin_TH))
+
+
 def _eager_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -170,7 +181,12 @@ def _eager_flex():
 
 BACKENDS: dict[str, Backend] = {
     "triton": Backend(
-        "triton", _triton_attend, _triton_prepare, triton_attention.varlen_attention, triton_attention.MAX_HEAD_DIM
+        "triton",
+        _triton_attend,
+        _triton_prepare,
+        triton_attention.varlen_attention,
+        triton_attention.MAX_HEAD_DIM,
+        _triton_attend_rope,
     ),
     "flash_attn": Backend("flash_attn", _flash_attn_attend, max_head_dim=256),
     "torch_varlen": Backend("torch_varlen", _torch_varlen_attend, max_head_dim=256),  # FlashAttention-2

@@ -162,10 +162,13 @@ class PadFreeAttention(nn.Module):
 
     def heads(self, q_TX: Tensor, k_TX: Tensor, v_TX: Tensor, cos_TH: Tensor, sin_TH: Tensor):
         """The projections' outputs as heads, RoPE applied to queries and keys."""
-        T = q_TX.shape[0]
-        q_TNH = _apply_rope(q_TX.view(T, self.num_heads, self.head_dim), cos_TH, sin_TH, self.fused)
-        k_TKH = _apply_rope(k_TX.view(T, self.num_kv_heads, self.head_dim), cos_TH, sin_TH, self.fused)
-        return q_TNH, k_TKH, v_TX.view(T, self.num_kv_heads, self.head_dim)
+        q_TNH, k_TKH, v_TKH = self.split_heads(q_TX, k_TX, v_TX)
+        return _apply_rope(q_TNH, cos_TH, sin_TH, self.fused), _apply_rope(k_TKH, cos_TH, sin_TH, self.fused), v_TKH
+
+    def split_heads(self, q_TX: Tensor, k_TX: Tensor, v_TX: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The projections' outputs as (T,N,H), (T,K,H), (T,K,H) views."""
+        T, H = q_TX.shape[0], self.head_dim
+        return q_TX.view(T, self.num_heads, H), k_TX.view(T, self.num_kv_heads, H), v_TX.view(T, self.num_kv_heads, H)
 
 
 class PadFreeMLP(nn.Module):
@@ -400,12 +403,16 @@ def _folded_layer(
     rides in the epilogue of the output product after the norm that read the residual (`addmm_`,
     the o and down products, in place on the copy of the residual that the norm's kernel writes
     from its read, `pass_input`); the gradient that comes back along the residual stream is added
-    inside that norm's backward kernel; and q/k/v, like gate/up, sum their input's gradient inside
-    their backward products (`_SharedInputLinears`)."""
+    inside that norm's backward kernel; q/k/v, like gate/up, sum their input's gradient inside
+    their backward products (`_SharedInputLinears`); and with a backend that takes RoPE inside its
+    op (`Backend.attend_rope`: the Triton kernels), RoPE's backward is part of the attention's."""
     attn, mlp = layer.self_attn, layer.mlp
     n_TD, x_TD = layer.input_layernorm(x_TD, pass_input=True)
     qkv = _SharedInputLinears.apply(n_TD, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
-    o_TNH = backend.attend(*attn.heads(*qkv, *rope), meta, attn.scaling)
+    if attn.fused and backend.attend_rope is not None:  # RoPE inside the attention op
+        o_TNH = backend.attend_rope(*attn.split_heads(*qkv), *rope, meta, attn.scaling)
+    else:
+        o_TNH = backend.attend(*attn.heads(*qkv, *rope), meta, attn.scaling)
     x_TD = x_TD.addmm_(o_TNH.flatten(1), attn.o_proj.weight.t())  # in place: x_TD is the norm's copy
     n_TD, x_TD = layer.post_attention_layernorm(x_TD, pass_input=True)
     gate_TF, up_TF = _SharedInputLinears.apply(n_TD, mlp.gate_proj.weight, mlp.up_proj.weight)

@@ -24,6 +24,12 @@ the masked diagonal weigh more than on long sequences:
   tiles still make large products. Row r of a packed block is token `r % BLOCK_M` of head
   `r // BLOCK_M`.
 
+The backward runs the dQ kernel first: it also computes the softmax backward's row terms
+(sum_h Out * dOut) of its rows, which the dK/dV kernel then reads, so they need no pass of their
+own. Given RoPE's tables, the op takes q and k before RoPE and rotates them itself, and the two
+backward kernels rotate dQ and dK back before storing them: RoPE's backward needs no pass of its own
+either.
+
 Log-sum-exps are kept in base 2 (`exp2` on scores scaled by `scale * log2(e)`), fp32, `[N,T]`.
 Inputs are bf16, fp16 or fp32 (fp32 products in full precision, not TF32). With
 `TRITON_INTERPRET=1` the kernels run on CPU tensors, which is how the tests check them.
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from foundry_padfree import kernels
 from foundry_padfree.kernels import HAS_TRITON, triton
 
 if HAS_TRITON:
@@ -86,6 +93,9 @@ MAX_HEAD_DIM = 128
 FWD_STAGES = 3  # software-pipeline stages of the forward kernel (every preset)
 # Tokens whose documents are this long on average (sum len^2 / sum len) take the long-document tiles.
 LONG_DOC_TOKENS = 2048
+
+
+Rope = tuple[Tensor, Tensor] | None  # (cos, sin) tables (T, H), or none
 
 
 class Schedules(NamedTuple):
@@ -186,6 +196,23 @@ if HAS_TRITON:
         tl.store(ptr + offsets, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
+    def _store_unrotated(
+        ptr, x, offsets, COS, SIN, stride_ct, rows, row_ok, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr
+    ):
+        """Store `x`, the `[ROWS, HEAD_DIM]` fp32 gradient of rotated queries or keys, as the gradient
+        of their input before RoPE: each row rotated back by its token's angle (the transpose of the
+        rotation), in fp32 and rounded once. `offsets`: where each row starts in `ptr`; `COS`/`SIN`:
+        (T, H) tables whose halves are equal (HF's `cat(f, f)`), so only the first half is read."""
+        x1, x2 = tl.split(tl.permute(tl.reshape(x, [ROWS, 2, HEAD_DIM // 2]), (0, 2, 1)))
+        offs_h = tl.arange(0, HEAD_DIM // 2)[None, :]
+        table = rows[:, None].to(tl.int64) * stride_ct + offs_h
+        c = tl.load(COS + table, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        s = tl.load(SIN + table, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        out = ptr + offsets[:, None] + offs_h
+        tl.store(out, (x1 * c + x2 * s).to(ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(out + HEAD_DIM // 2, (x2 * c - x1 * s).to(ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
     def _load_per_token(ptr, head, T, rows, row_ok):
         """Entries `rows` of head `head` (one, or one per row) of an `(N, T)` fp32 tensor (log-sum-exps,
         row terms)."""
@@ -242,26 +269,13 @@ if HAS_TRITON:
         tl.store(LSE + heads.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
     @triton.jit(do_not_specialize=["T"])
-    def _delta_kernel(Out, DO, DELTA, stride_ot, stride_on, stride_dt, stride_dn, T,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
-        """DELTA[n, t] = sum_h Out[t, n, h] * dOut[t, n, h] in fp32: the softmax backward's row term."""
-        n = tl.program_id(0)
-        offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
-        ok = offs_t < T
-        o = _load_rows(Out, offs_t, n, stride_ot, stride_on, offs_d, ok, d_ok)
-        do = _load_rows(DO, offs_t, n, stride_dt, stride_dn, offs_d, ok, d_ok)
-        tl.store(DELTA + n.to(tl.int64) * T + offs_t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
-
-    @triton.jit(do_not_specialize=["T"])
     def _dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, TILES,
+        Q, K, V, DO, LSE, DELTA, DK, DV, TILES, COS, SIN,
         stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_dot, stride_don,
-        stride_dkt, stride_dkn, stride_dvt, stride_dvn,
+        stride_dkt, stride_dkn, stride_dvt, stride_dvn, stride_ct,
         T, scale_log2, scale,
         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
     ):  # fmt: skip
         kh = tl.program_id(0)
         k0, _, de = _tile(TILES, tl.program_id(1))
@@ -293,17 +307,21 @@ if HAS_TRITON:
                 dp_T = tl.dot(v, tl.trans(do), input_precision=PRECISION)
                 ds_T = p_T * (dp_T - delta[None, :])
                 dk += tl.dot(ds_T.to(q.dtype), q, input_precision=PRECISION)
-        _store_rows(DK, dk * scale, offs_n, kh, stride_dkt, stride_dkn, offs_d, n_ok, d_ok)
+        if ROPE:  # keys were rotated by RoPE inside the op: the gradient of the unrotated keys
+            dk_offsets = offs_n.to(tl.int64) * stride_dkt + kh * stride_dkn
+            _store_unrotated(DK, dk * scale, dk_offsets, COS, SIN, stride_ct, offs_n, n_ok, BLOCK_N, HEAD_DIM)
+        else:
+            _store_rows(DK, dk * scale, offs_n, kh, stride_dkt, stride_dkn, offs_d, n_ok, d_ok)
         _store_rows(DV, dv, offs_n, kh, stride_dvt, stride_dvn, offs_d, n_ok, d_ok)
 
     @triton.jit(do_not_specialize=["T"])
     def _dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, TILES,
-        stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_dot, stride_don,
-        stride_dqt, stride_dqn,
+        Q, K, V, Out, DO, LSE, DELTA, DQ, TILES, COS, SIN,
+        stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_ot, stride_on, stride_dot, stride_don,
+        stride_dqt, stride_dqn, stride_ct,
         T, scale_log2, scale,
         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
     ):  # fmt: skip
         n0 = tl.program_id(0) * PACK
         q0, ds, de = _tile(TILES, tl.program_id(1))
@@ -315,7 +333,11 @@ if HAS_TRITON:
         q = _load_packed(Q, offs_m, heads, stride_qt, stride_qn, offs_d, m_ok, d_ok)
         do = _load_packed(DO, offs_m, heads, stride_dot, stride_don, offs_d, m_ok, d_ok)
         lse = _load_per_token(LSE, heads, T, offs_m, m_ok)
-        delta = _load_per_token(DELTA, heads, T, offs_m, m_ok)
+        # The softmax backward's row terms, sum_h Out * dOut in fp32, from this program's rows (each
+        # row of every document is one dQ program's), kept for the dK/dV kernel that runs after.
+        o = _load_packed(Out, offs_m, heads, stride_ot, stride_on, offs_d, m_ok, d_ok)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + heads.to(tl.int64) * T + offs_m, delta, mask=m_ok)
         dq = tl.zeros([PACK * BLOCK_M, BLOCK_D], tl.float32)
         q_end, unmasked_end = _key_blocks(q0, ds, de, BLOCK_M, BLOCK_N)
         for start_n in range(ds, q_end, BLOCK_N):
@@ -332,7 +354,11 @@ if HAS_TRITON:
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds_ = p * (dp - delta[:, None])
             dq += tl.dot(ds_.to(k.dtype), k, input_precision=PRECISION)
-        _store_packed(DQ, dq * scale, offs_m, heads, stride_dqt, stride_dqn, offs_d, m_ok, d_ok)
+        if ROPE:  # queries were rotated by RoPE inside the op: the gradient of the unrotated queries
+            dq_offsets = offs_m.to(tl.int64) * stride_dqt + heads * stride_dqn
+            _store_unrotated(DQ, dq * scale, dq_offsets, COS, SIN, stride_ct, offs_m, m_ok, PACK * BLOCK_M, HEAD_DIM)
+        else:
+            _store_packed(DQ, dq * scale, offs_m, heads, stride_dqt, stride_dqn, offs_d, m_ok, d_ok)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -408,26 +434,26 @@ def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: Til
     return o_TNH, lse_NT
 
 
-def _backward(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, s: TileSizes, scale: float):
-    """dQ (T, N, H), dK and dV (T, K, H) from the forward's inputs, outputs and log-sum-exps."""
+def _backward(
+    do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dkdv_P4, dq_P4, s: TileSizes, scale: float, rope: Rope = None
+):  # fmt: skip
+    """dQ (T, N, H), dK and dV (T, K, H) from the forward's inputs, outputs and log-sum-exps. With
+    `rope` (the (T, H) cos and sin tables that rotated q and k), dQ and dK are the gradients of q and
+    k before the rotation."""
     do_TNH = _unit_last_stride(do_TNH)
     if q_TNH.shape[0] == 0:
         return q_TNH.new_empty(q_TNH.shape), k_TKH.new_empty(k_TKH.shape), v_TKH.new_empty(v_TKH.shape)
-    delta_NT = _row_terms(o_TNH, do_TNH)
-    dk_TKH, dv_TKH = _dkdv(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dkdv_P4, s, scale)
-    return _dq(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dq_P4, s, scale), dk_TKH, dv_TKH
+    dq_TNH, delta_NT = _dq(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dq_P4, s, scale, rope)
+    dk_TKH, dv_TKH = _dkdv(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dkdv_P4, s, scale, rope)
+    return dq_TNH, dk_TKH, dv_TKH
 
 
-def _row_terms(o_TNH: Tensor, do_TNH: Tensor) -> Tensor:
-    """(N, T) fp32 row terms of the softmax backward, sum_h Out * dOut."""
-    T, N, H = o_TNH.shape
-    delta_NT = torch.empty(N, T, dtype=torch.float32, device=o_TNH.device)
-    block_t = 64
-    _delta_kernel[(N, triton.cdiv(T, block_t))](
-        o_TNH, do_TNH, delta_NT, *o_TNH.stride()[:2], *do_TNH.stride()[:2], T,
-        HEAD_DIM=H, BLOCK_D=_block_d(H), BLOCK_T=block_t,
-    )  # fmt: skip
-    return delta_NT
+def _rope_tables(rope: Rope, like: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The kernels' COS, SIN and token stride of the tables; `like` stands in for both without RoPE."""
+    if rope is None:
+        return like, like, 0
+    cos_TH, sin_TH = rope
+    return cos_TH, sin_TH, cos_TH.stride(0)
 
 
 def _common(q_TNH: Tensor, k_TKH: Tensor, s: TileSizes) -> tuple[int, dict]:
@@ -437,51 +463,65 @@ def _common(q_TNH: Tensor, k_TKH: Tensor, s: TileSizes) -> tuple[int, dict]:
     return pack, dict(HEAD_DIM=H, GROUP=N // K, PACK=pack, BLOCK_D=_block_d(H), PRECISION=_precision(q_TNH.dtype))
 
 
-def _dkdv(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dkdv_P4, s: TileSizes, scale: float):
+def _dkdv(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dkdv_P4, s: TileSizes, scale: float, rope: Rope = None):
     """dK and dV (T, K, H): the dK/dV kernel alone."""
     T, _, H = q_TNH.shape
     dk_TKH, dv_TKH = k_TKH.new_empty(k_TKH.shape), v_TKH.new_empty(v_TKH.shape)
     _, common = _common(q_TNH, k_TKH, s)
+    cos_TH, sin_TH, stride_ct = _rope_tables(rope, q_TNH)
     _launch(
         _dkdv_kernel, (k_TKH.shape[1], len(dkdv_P4)),
-        q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dk_TKH, dv_TKH, dkdv_P4,
+        q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dk_TKH, dv_TKH, dkdv_P4, cos_TH, sin_TH,
         *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2],
-        *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], T, scale * _LOG2_E, scale,
-        BLOCK_M=s.dkdv_m, BLOCK_N=s.dkdv_n, num_warps=_warps(H, s.dkdv_n), num_stages=s.dkdv_stages, **common,
+        *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], stride_ct, T, scale * _LOG2_E, scale,
+        BLOCK_M=s.dkdv_m, BLOCK_N=s.dkdv_n, num_warps=_warps(H, s.dkdv_n), num_stages=s.dkdv_stages,
+        ROPE=rope is not None, **common,
     )  # fmt: skip
     return dk_TKH, dv_TKH
 
 
-def _dq(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dq_P4, s: TileSizes, scale: float) -> Tensor:
-    """dQ (T, N, H): the dQ kernel alone."""
+def _dq(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dq_P4, s: TileSizes, scale: float, rope: Rope = None):
+    """dQ (T, N, H) and the (N, T) fp32 row terms of the softmax backward, sum_h Out * dOut: the dQ
+    kernel alone (the dK/dV kernel takes the row terms)."""
     T, N, H = q_TNH.shape
     dq_TNH = q_TNH.new_empty(q_TNH.shape)
+    delta_NT = torch.empty(N, T, dtype=torch.float32, device=q_TNH.device)
     pack, common = _common(q_TNH, k_TKH, s)
+    cos_TH, sin_TH, stride_ct = _rope_tables(rope, q_TNH)
     _launch(
         _dq_kernel, (N // pack, len(dq_P4)),
-        q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dq_TNH, dq_P4,
-        *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2],
-        *dq_TNH.stride()[:2], T, scale * _LOG2_E, scale,
-        BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, num_warps=_warps(H, pack * s.dq_m), num_stages=s.dq_stages, **common,
+        q_TNH, k_TKH, v_TKH, o_TNH, do_TNH, lse_NT, delta_NT, dq_TNH, dq_P4, cos_TH, sin_TH,
+        *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *o_TNH.stride()[:2], *do_TNH.stride()[:2],
+        *dq_TNH.stride()[:2], stride_ct, T, scale * _LOG2_E, scale,
+        BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, num_warps=_warps(H, pack * s.dq_m), num_stages=s.dq_stages,
+        ROPE=rope is not None, **common,
     )  # fmt: skip
-    return dq_TNH
+    return dq_TNH, delta_NT
 
 
 class _VarlenAttention(torch.autograd.Function):
-    """The eager path; under torch.compile `varlen_attention` calls the operator below instead."""
+    """The eager path; under torch.compile `varlen_attention` calls the operator below instead.
+    With RoPE tables, q and k come in unrotated: the forward rotates them (`kernels.rope`) and keeps
+    the rotated ones, and the backward kernels rotate their dQ and dK back before storing them."""
 
     @staticmethod
-    def forward(ctx, q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, tiles: Schedules, scale: float) -> Tensor:
+    def forward(ctx, q_TNH, k_TKH, v_TKH, tiles: Schedules, scale: float, cos_TH=None, sin_TH=None) -> Tensor:
+        rope = () if cos_TH is None else (cos_TH, sin_TH)
+        if rope:
+            q_TNH, k_TKH = kernels.rope(q_TNH, *rope), kernels.rope(k_TKH, *rope)
         o_TNH, lse_NT = _forward(q_TNH, k_TKH, v_TKH, tiles.fwd_P4, tiles.sizes, scale)
-        ctx.save_for_backward(q_TNH, k_TKH, v_TKH, o_TNH, lse_NT)
+        ctx.save_for_backward(q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, *rope)
         ctx.tiles, ctx.scale = tiles, scale
         return o_TNH
 
     @staticmethod
     def backward(ctx, do_TNH: Tensor):
         t = ctx.tiles
-        grads = _backward(do_TNH, *ctx.saved_tensors, t.dkdv_P4, t.dq_P4, t.sizes, ctx.scale)
-        return *grads, None, None
+        q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, *rope = ctx.saved_tensors
+        grads = _backward(
+            do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, t.dkdv_P4, t.dq_P4, t.sizes, ctx.scale, tuple(rope) or None
+        )
+        return *grads, None, None, None, None
 
 
 if HAS_TRITON:
@@ -547,20 +587,58 @@ def check_inputs(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor) -> None:
         )
 
 
-def varlen_attention(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, tiles: Schedules, scale: float) -> Tensor:
+def rope_fusable(head_dim: int) -> bool:
+    """Whether the backward kernels can rotate dQ and dK back themselves (`varlen_attention`'s
+    `rope`): head dims that fill their blocks exactly (powers of two from 16)."""
+    return head_dim == _block_d(head_dim)
+
+
+def _check_rope(q_TNH: Tensor, rope: tuple[Tensor, Tensor]) -> None:
+    T, _, H = q_TNH.shape
+    for name, table in zip(("cos", "sin"), rope):
+        if table.shape != (T, H):
+            raise ValueError(
+                f"RoPE {name} table of shape {tuple(table.shape)} for {T} tokens of head dim {H}; it needs "
+                f"({T}, {H}): one row per token, as the model's rotary embedding makes."
+            )
+
+
+def _rotate(x_TNH: Tensor, cos_TH: Tensor, sin_TH: Tensor) -> Tensor:
+    """RoPE outside the attention op, for what the kernels cannot rotate back themselves."""
+    if kernels.usable(x_TNH):
+        return kernels.rope(x_TNH, cos_TH, sin_TH)
+    x1, x2 = x_TNH.chunk(2, dim=-1)
+    return x_TNH * cos_TH[:, None] + torch.cat((-x2, x1), dim=-1) * sin_TH[:, None]
+
+
+def varlen_attention(
+    q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, tiles: Schedules, scale: float, rope: Rope = None
+) -> Tensor:  # fmt: skip
     """Causal attention of each document over its own tokens.
 
     Args:
         q_TNH: (T, N, H) queries; k_TKH, v_TKH: (T, K, H) keys and values; one dtype.
         tiles: `schedule(meta.doc_lens, device)` for the documents packed in T.
         scale: softmax scale (usually H ** -0.5).
+        rope: optional (cos, sin) tables (T, H), halves equal (HF's layout): q and k are then taken
+            before RoPE and rotated here, and in eager runs the backward kernels write the gradients
+            of the unrotated q and k themselves, with no RoPE backward pass of its own (head dims
+            that are powers of two, tables in q's dtype; otherwise RoPE runs on its own first).
 
     Returns:
         (T, N, H) outputs in the inputs' dtype.
     """
+    if rope is not None:
+        _check_rope(q_TNH, rope)
+        fused = (rope_fusable(q_TNH.shape[-1]) and kernels.usable(q_TNH)
+                 and rope[0].dtype == rope[1].dtype == q_TNH.dtype == k_TKH.dtype)  # fmt: skip
+        if not fused:
+            q_TNH, k_TKH, rope = _rotate(q_TNH, *rope), _rotate(k_TKH, *rope), None
     check_inputs(q_TNH, k_TKH, v_TKH)
     q_TNH, k_TKH, v_TKH = (_unit_last_stride(t) for t in (q_TNH, k_TKH, v_TKH))
     if torch.compiler.is_compiling():
         o_TNH, _ = _attention_op(q_TNH, k_TKH, v_TKH, tiles.fwd_P4, tiles.dkdv_P4, tiles.dq_P4, tiles.sizes_cpu, scale)
         return o_TNH
+    if rope is not None:
+        return _VarlenAttention.apply(q_TNH, k_TKH, v_TKH, tiles, scale, *(t.contiguous() for t in rope))
     return _VarlenAttention.apply(q_TNH, k_TKH, v_TKH, tiles, scale)

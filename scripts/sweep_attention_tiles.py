@@ -60,14 +60,14 @@ def variants(kernel: str, base: ta.TileSizes, packs: list[int], grids: dict) -> 
 def run_kernel(kernel: str, sizes: ta.TileSizes, inputs: dict, scale: float):
     """One call of `kernel` with `sizes` (its tile list built first, untimed); returns a callable
     that reruns it and the call's outputs."""
-    lens, q, k, v, do, lse, delta = (inputs[n] for n in ("lens", "q", "k", "v", "do", "lse", "delta"))
+    lens, q, k, v, o, do, lse, delta = (inputs[n] for n in ("lens", "q", "k", "v", "o", "do", "lse", "delta"))
     tiles = ta.schedule(lens, q.device, sizes)
     if kernel == "fwd":
         call = lambda: ta._forward(q, k, v, tiles.fwd_P4, sizes, scale)  # noqa: E731
     elif kernel == "dkdv":
         call = lambda: ta._dkdv(do, q, k, v, lse, delta, tiles.dkdv_P4, sizes, scale)  # noqa: E731
     else:
-        call = lambda: (ta._dq(do, q, k, v, lse, delta, tiles.dq_P4, sizes, scale),)  # noqa: E731
+        call = lambda: ta._dq(do, q, k, v, o, lse, tiles.dq_P4, sizes, scale)  # noqa: E731
     return call, call()
 
 
@@ -81,7 +81,8 @@ def sweep(lens: tuple[int, ...], heads: tuple[int, int, int], device, dtype, rep
     tiles = ta.schedule(lens, device, group=N // K, head_dim=H)
     preset = tiles.sizes
     o, lse = ta._forward(q, k, v, tiles.fwd_P4, preset, scale)
-    inputs = dict(lens=lens, q=q, k=k, v=v, do=do, lse=lse, delta=ta._row_terms(o, do))
+    delta = ta._dq(do, q, k, v, o, lse, tiles.dq_P4, preset, scale)[1]
+    inputs = dict(lens=lens, q=q, k=k, v=v, o=o, do=do, lse=lse, delta=delta)
     packs = [p for p in (1, 2, 4, 8) if (N // K) % p == 0]
     results = {}
     for kernel in ("fwd", "dkdv", "dq"):

@@ -245,11 +245,15 @@ def _attention_case(lens, N, K_heads, H, dtype):
     return meta, (q, k, v), torch.randn(T, N, H).to(dtype)
 
 
-def _sdpa_fp32(meta, qkv, grad, scale=None):
+def _sdpa_fp32_attend(meta, q, k, v, scale=None):
     from foundry_padfree.attention import _sdpa_attend
 
+    return _sdpa_attend(q, k, v, meta, scale or q.shape[-1] ** -0.5)
+
+
+def _sdpa_fp32(meta, qkv, grad, scale=None):
     q, k, v = (t.detach().float().requires_grad_() for t in qkv)
-    o = _sdpa_attend(q, k, v, meta, scale or q.shape[-1] ** -0.5)
+    o = _sdpa_fp32_attend(meta, q, k, v, scale)
     return o, torch.autograd.grad(o, (q, k, v), grad.float())
 
 
@@ -281,6 +285,53 @@ def test_triton_attention_matches_per_document_sdpa(pack, dtype, lens, N, K_head
         torch.testing.assert_close(g.float(), g_ref, **tol, msg=f"d{name}")
 
 
+def _rope_tables(lens, H, dtype):
+    positions = torch.cat([torch.arange(n) for n in lens]).float()
+    freqs = positions[:, None] / 10000 ** (torch.arange(0, H, 2).float() / H)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("pack", [1, 4], ids=["one_head", "packed_heads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("H", [16, 24], ids=["rotated_back_in_the_kernels", "rotated_before_the_kernels"])
+def test_triton_attention_with_rope_matches_rope_then_per_document_sdpa(monkeypatch, pack, dtype, H):
+    # q and k come in before RoPE; the op rotates them, and its dQ/dK kernels rotate their gradients
+    # back (head dims that are powers of two; others are rotated on their own first).
+    from foundry_padfree import triton_attention as ta
+
+    lens = [5, 33, 1, 70, 17]
+    meta, (q, k, v), grad = _attention_case(lens, 4, 2 if pack == 1 else 1, H, dtype)
+    cos, sin = _rope_tables(lens, H, dtype)
+    rotated_first = []
+    rotate = ta._rotate
+    monkeypatch.setattr(ta, "_rotate", lambda *a: rotated_first.append(1) or rotate(*a))
+    tiles = ta.schedule(meta.doc_lens, q.device, ta.TileSizes(**SMALL_TILES, pack=pack))
+    o = ta.varlen_attention(q, k, v, tiles, H**-0.5, rope=(cos, sin))
+    grads = torch.autograd.grad(o, (q, k, v), grad)
+    assert len(rotated_first) == (0 if H == 16 else 2)
+
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    q_rot, k_rot = (_apply_rope(t, cos.float(), sin.float()) for t in (q32, k32))
+    o_ref = _sdpa_fp32_attend(meta, q_rot, k_rot, v32)
+    grads_ref = torch.autograd.grad(o_ref, (q32, k32, v32), grad.float())
+    assert o.dtype == dtype and [g.dtype for g in grads] == [dtype] * 3
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(o.float(), o_ref.detach(), **tol)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(g.float(), g_ref, **tol, msg=f"d{name}")
+
+
+def test_triton_attention_refuses_rope_tables_of_another_shape():
+    from foundry_padfree import triton_attention as ta
+
+    meta, (q, k, v), _ = _attention_case([5, 9], 4, 2, 16, torch.float32)
+    cos, sin = _rope_tables([5, 9], 16, torch.float32)
+    tiles = ta.schedule(meta.doc_lens, q.device, ta.TileSizes(**SMALL_TILES))
+    with pytest.raises(ValueError, match=r"cos table of shape \(13, 16\) for 14 tokens"):
+        ta.varlen_attention(q, k, v, tiles, 0.25, rope=(cos[1:], sin[1:]))
+
+
 @pytest.mark.parametrize("wide", [False, True], ids=["", "wide_heads"])
 @pytest.mark.parametrize("preset", ["SHORT_DOCS", "SHORT_DOCS_PACKED", "LONG_DOCS", "LONG_DOCS_PACKED"])
 def test_triton_attention_with_the_shipped_tiles(preset, wide):
@@ -297,16 +348,19 @@ def test_triton_attention_with_the_shipped_tiles(preset, wide):
         torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=2e-5)
 
 
-def test_the_model_on_triton_attention_matches_sdpa(monkeypatch):
+@pytest.mark.parametrize("head_dim", [8, 16], ids=["rope_before_attention", "rope_inside_attention"])
+def test_the_model_on_triton_attention_matches_sdpa(monkeypatch, head_dim):
+    # Head dim 16 fills the kernels' blocks: RoPE then runs inside the attention op (its backward
+    # kernels rotate dQ and dK back); at 8 it runs before it.
     from foundry_padfree import triton_attention as ta
 
     calls = []
     apply = ta._VarlenAttention.apply
-    monkeypatch.setattr(ta._VarlenAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(ta._VarlenAttention, "apply", lambda *a: calls.append(len(a) == 7) or apply(*a))
     batch = packed_lm_batch()
-    ref_loss, ref_grads = loss_and_grads(tiny_model(attn_backend="sdpa").train(), batch)
-    loss, grads = loss_and_grads(tiny_model(attn_backend="triton").train(), batch)
-    assert len(calls) == tiny_model().config.num_hidden_layers
+    ref_loss, ref_grads = loss_and_grads(tiny_model(attn_backend="sdpa", head_dim=head_dim).train(), batch)
+    loss, grads = loss_and_grads(tiny_model(attn_backend="triton", head_dim=head_dim).train(), batch)
+    assert calls == [head_dim == 16] * tiny_model().config.num_hidden_layers
     torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -90,8 +90,25 @@ def test_triton_attention_takes_fewer_stages_where_shared_memory_runs_out(monkey
     assert fewer["_fwd_kernel"] < triton_attention.FWD_STAGES
 
 
-def _check_triton_against_fp32(head_dim, dtype, lens, tiles):
+@pytest.mark.parametrize(
+    "head_dim, lens, tiles",
+    [
+        (64, [2048, 5, 700, 1], "SHORT_DOCS"),
+        (64, [2048, 5, 700, 1], "SHORT_DOCS_PACKED"),
+        (64, [4096, 3000, 20], "LONG_DOCS_PACKED"),
+        (128, [4096, 3000, 20], "LONG_DOCS"),
+    ],
+)
+def test_triton_attention_with_rope_inside_against_fp32(head_dim, lens, tiles):
+    # q and k before RoPE: the op rotates them, and the dQ/dK kernels rotate their gradients back.
+    # The references apply RoPE (PyTorch's formula) before SDPA.
+    _needs("triton")
+    _check_triton_against_fp32(head_dim, torch.bfloat16, lens, tiles, rope=True)
+
+
+def _check_triton_against_fp32(head_dim, dtype, lens, tiles, rope=False):
     from foundry_padfree import triton_attention
+    from foundry_padfree.modeling import _apply_rope
 
     torch.manual_seed(0)
     T, K = sum(lens), 2
@@ -101,17 +118,26 @@ def _check_triton_against_fp32(head_dim, dtype, lens, tiles):
     assert meta.attn_extra.sizes == (triton_attention.WIDE_HEADS[preset] if head_dim > 64 else preset)
     q32, k32, v32 = (torch.randn(T, n, head_dim, device="cuda") for n in (N, K, K))
     grad_out = torch.randn(T, N, head_dim, device="cuda")
+    freqs = meta.position_ids_T.float()[:, None] / 500000.0 ** (torch.arange(0, head_dim, 2, device="cuda") / head_dim)
+    cos32, sin32 = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
 
     def run(name, dt):
         q, k, v = (t.detach().to(dt).requires_grad_() for t in (q32, k32, v32))
-        out = BACKENDS[name].attend(q, k, v, meta, head_dim**-0.5)
+        cos, sin = cos32.to(dt), sin32.to(dt)
+        if rope and name == "triton":
+            out = BACKENDS[name].attend_rope(q, k, v, cos, sin, meta, head_dim**-0.5)
+        elif rope:
+            out = BACKENDS[name].attend(_apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v, meta, head_dim**-0.5)
+        else:
+            out = BACKENDS[name].attend(q, k, v, meta, head_dim**-0.5)
         out.backward(grad_out.to(dt))
         return out, q.grad, k.grad, v.grad
 
     ref, pt, ours = run("sdpa", torch.float32), run("sdpa", dtype), run("triton", dtype)
     for what, o, p, r in zip(("out", "dq", "dk", "dv"), ours, pt, ref):
         err, pt_err = _bound(o, p, r)
-        print(f"triton H={head_dim} {dtype} {tiles} {what}: max|ours-fp32|={err:.3e} max|torch-fp32|={pt_err:.3e}")
+        print(f"triton H={head_dim} {dtype} {tiles}{' RoPE inside' if rope else ''} {what}: "
+              f"max|ours-fp32|={err:.3e} max|torch-fp32|={pt_err:.3e}")  # fmt: skip
         assert err <= 2 * pt_err + 1e-5, (what, err, pt_err)
 
 
