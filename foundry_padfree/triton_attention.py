@@ -587,7 +587,7 @@ def check_inputs(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor) -> None:
         )
 
 
-def rope_fusable(head_dim: int) -> bool:
+def _rope_fusable(head_dim: int) -> bool:
     """Whether the backward kernels can rotate dQ and dK back themselves (`varlen_attention`'s
     `rope`): head dims that fill their blocks exactly (powers of two from 16)."""
     return head_dim == _block_d(head_dim)
@@ -630,7 +630,7 @@ def varlen_attention(
     """
     if rope is not None:
         _check_rope(q_TNH, rope)
-        fused = (rope_fusable(q_TNH.shape[-1]) and kernels.usable(q_TNH)
+        fused = (_rope_fusable(q_TNH.shape[-1]) and kernels.usable(q_TNH)
                  and rope[0].dtype == rope[1].dtype == q_TNH.dtype == k_TKH.dtype)  # fmt: skip
         if not fused:
             q_TNH, k_TKH, rope = _rotate(q_TNH, *rope), _rotate(k_TKH, *rope), None
