@@ -444,21 +444,42 @@ def _stack(layers: nn.ModuleList, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor, 
     return x_TD
 
 
+def _inductor_options(backend: str) -> dict[str, Any]:
+    """Inductor options for the layers' graphs: its fusion of a norm backward's two reductions
+    ("mix-order reduction", torch >= 2.10) decided without guards on the token count T. By
+    default inductor fuses them only above size thresholds in T (hidden size x T >= 5,242,880,
+    T >= 2 x hidden size, T >= 4,096) and guards on each, so a batch on the other side of one from
+    the batch the graph was compiled on compiles another graph (hidden size 576: 9,102 tokens). Its
+    non-strict mode drops those checks, and one graph serves every T."""
+    if backend != "inductor":
+        return {}
+    from torch._inductor import config
+
+    if not hasattr(config.triton, "mix_order_reduction_non_strict_mode"):  # a torch without the fusion
+        return {}
+    return {"triton.mix_order_reduction_non_strict_mode": True}
+
+
+def _compile(fn: Callable, backend: str) -> Callable:
+    options = _inductor_options(backend)
+    return torch.compile(fn, backend=backend, options=options) if options else torch.compile(fn, backend=backend)
+
+
 @functools.cache
 def _compiled_layer(backend: str) -> Callable:
-    return torch.compile(_layer, backend=backend)
+    return _compile(_layer, backend)
 
 
 @functools.cache
 def _compiled_stack(backend: str) -> Callable:
-    return torch.compile(_stack, backend=backend)
+    return _compile(_stack, backend)
 
 
 @functools.cache
 def _compiled_regions(backend: str) -> tuple[Callable, Callable]:
     # Module-level functions taking the layer as an argument: dynamo lifts each layer's weights as
     # graph inputs, so the layers share one compiled graph per region instead of one per layer.
-    return torch.compile(_attention_inputs, backend=backend), torch.compile(_attention_output_and_mlp, backend=backend)
+    return _compile(_attention_inputs, backend), _compile(_attention_output_and_mlp, backend)
 
 
 class _TiedEmbedding(torch.autograd.Function):
@@ -538,12 +559,10 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         step (one forward and one backward graph; under gradient checkpointing one per layer,
         shared by all). Other backends' kernels stay eager between two graphs per layer, shared by
         all layers. Either way the graphs serve every later batch: no recompilation when T, the
-        number of documents or their lengths change, with one exception seen on torch 2.11:
-        inductor fuses the two reductions of a norm's backward only above 5,242,880 elements
-        (hidden size x T) and guards on it, so a batch on the other side of that size from the
-        first one compiles a second graph, once (hidden size 576: 9,102 tokens). The embedding and
-        the host-side metadata stay eager. `backend` is `torch.compile`'s (`aot_eager` traces the
-        same graphs without code generation).
+        number of documents or their lengths change (with inductor, its fusion of a norm
+        backward's two reductions is decided without guards on T: `_inductor_options`). The
+        embedding and the host-side metadata stay eager. `backend` is `torch.compile`'s
+        (`aot_eager` traces the same graphs without code generation).
         """
         self.compile_backend = backend
         for layer in self.layers:

@@ -350,6 +350,30 @@ def test_compiled_stack_with_the_attention_inside_matches_eager():
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # the stack, the loss chunk
 
 
+def test_compiled_layers_serve_a_batch_below_inductors_fusion_thresholds():
+    # Hidden size 256: by default inductor fuses a norm backward's two reductions from 20,480
+    # tokens on and guards on it, so an 8k-token batch after a 24k-token one compiled another
+    # graph; `compile_layers` asks for its non-strict mode (torch >= 2.10), without those guards.
+    from torch._inductor import config as inductor_config
+
+    _needs_triton()
+    if not hasattr(inductor_config.triton, "mix_order_reduction_non_strict_mode"):
+        pytest.skip("this torch's inductor has no mix-order reduction")
+    torch._dynamo.reset()
+    model = tiny_model(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=1024).train().to("cuda", torch.bfloat16)  # fmt: skip
+    model.compile_layers()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    graphs = []
+    for tokens in (24_000, 8_000):
+        positions = (torch.arange(tokens, device="cuda") % 500)[None]
+        ids = torch.randint(3, 97, positions.shape, device="cuda")
+        model(ids, position_ids=positions, labels=ids).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0], graphs
+
+
 def test_unpad_for_cuda_reads_a_host_batch_as_the_same_batch_on_the_gpu():
     if not torch.cuda.is_available():
         pytest.skip("no GPU")

@@ -167,3 +167,24 @@ def test_autocast_hands_the_kernel_low_precision_inputs(monkeypatch):
     seen.clear()
     model(ids)  # no autocast: the model's own dtype, untouched
     assert seen == [(torch.float32,) * 3] * model.config.num_hidden_layers
+
+
+def test_compiled_layers_take_inductor_options_only_where_they_exist(monkeypatch):
+    # Inductor's non-strict mix-order reduction (torch >= 2.10; tests/test_gpu_kernels.py checks
+    # that a smaller batch then reuses the graph) is asked for only where torch has it: an unknown
+    # option would make torch.compile raise. Other backends take no inductor options.
+    from torch._inductor import config as inductor_config
+
+    from foundry_padfree import modeling
+
+    has_it = hasattr(inductor_config.triton, "mix_order_reduction_non_strict_mode")
+    expected = {"triton.mix_order_reduction_non_strict_mode": True} if has_it else {}
+    assert modeling._inductor_options("inductor") == expected
+    assert modeling._inductor_options("aot_eager") == {}
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    options = {"inductor": {"triton.x": True}, "aot_eager": {}}
+    monkeypatch.setattr(modeling, "_inductor_options", options.__getitem__)
+    modeling._compile(modeling._stack, "inductor")
+    modeling._compile(modeling._stack, "aot_eager")
+    assert calls == [dict(backend="inductor", options={"triton.x": True}), dict(backend="aot_eager")]
