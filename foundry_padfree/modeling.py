@@ -409,7 +409,7 @@ def _folded_layer(
     attn, mlp = layer.self_attn, layer.mlp
     n_TD, x_TD = layer.input_layernorm(x_TD, pass_input=True)
     qkv = _SharedInputLinears.apply(n_TD, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
-    if attn.fused and backend.attend_rope is not None:  # RoPE inside the attention op
+    if backend.attend_rope is not None:  # RoPE inside the attention op (`_folds`: fused kernels on)
         o_TNH = backend.attend_rope(*attn.split_heads(*qkv), *rope, meta, attn.scaling)
     else:
         o_TNH = backend.attend(*attn.heads(*qkv, *rope), meta, attn.scaling)

@@ -604,11 +604,11 @@ def _check_rope(q_TNH: Tensor, rope: tuple[Tensor, Tensor]) -> None:
 
 
 def _rotate(x_TNH: Tensor, cos_TH: Tensor, sin_TH: Tensor) -> Tensor:
-    """RoPE outside the attention op, for what the kernels cannot rotate back themselves."""
-    if kernels.usable(x_TNH):
-        return kernels.rope(x_TNH, cos_TH, sin_TH)
-    x1, x2 = x_TNH.chunk(2, dim=-1)
-    return x_TNH * cos_TH[:, None] + torch.cat((-x2, x1), dim=-1) * sin_TH[:, None]
+    """RoPE outside the attention op, for what the kernels cannot rotate back themselves: the
+    model's own (the RoPE kernel where usable, else PyTorch's formula)."""
+    from foundry_padfree.modeling import _apply_rope  # here: the model module imports this one
+
+    return _apply_rope(x_TNH, cos_TH, sin_TH, fused=True)
 
 
 def varlen_attention(
