@@ -4,7 +4,9 @@ Every system trains the same examples at the same real-token budget per step (fo
 AdamW step; bf16) and is measured the same way: real tokens per second (padding never counts),
 step time, peak memory, and real-token MFU, `6 N T_real + 12 L d sum(len_i^2)` FLOPs per step
 (`foundry_padfree.training_flops`) over a bf16 matrix-multiply ceiling this script measures on the
-same device (and over the H100/H200 datasheet's 989.5 TFLOP/s).
+same device (and over the H100/H200 datasheet's 989.5 TFLOP/s). On a GPU with `nvidia-smi`, also the
+SM clock and power draw during each system's timed steps, sampled every 20 ms: energy per step and
+real tokens per joule (`PowerSampler`).
 
 Systems:
     hf_padded        stock `LlamaForCausalLM`, one example per row padded to the longest, SDPA
@@ -47,6 +49,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +57,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +291,80 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+_POWER_CAP = 0x4  # nvidia-smi's clocks_throttle_reasons bit: software power cap (the board's power limit)
+
+
+class PowerSampler:
+    """The GPU's SM clock, power draw and clock-throttle reasons, sampled by `nvidia-smi` every
+    `period_ms` while the `with` block runs; `summary()` afterwards ({} without CUDA or nvidia-smi).
+
+    An H200 training step draws up to the board's power limit, and the GPU lowers its clock to stay
+    there: a step then takes the time its energy takes at that power (docs/BENCHMARKS.md, "The
+    power limit")."""
+
+    def __init__(self, device: torch.device, period_ms: int = 20):
+        self.cmd: list[str] | None = None
+        self.lines: list[str] = []
+        if device.type == "cuda" and shutil.which("nvidia-smi"):
+            power = "power.draw.instant" if _smi_knows("power.draw.instant") else "power.draw"
+            self.cmd = [
+                "nvidia-smi", f"--query-gpu=timestamp,clocks.sm,{power},clocks_throttle_reasons.active",
+                "--format=csv,noheader,nounits", "-lms", str(period_ms), "-i", _smi_id(device),
+            ]  # fmt: skip
+
+    def __enter__(self) -> PowerSampler:
+        if self.cmd:
+            self.file = tempfile.TemporaryFile("w+")
+            self.proc = subprocess.Popen(self.cmd, stdout=self.file, stderr=subprocess.DEVNULL, text=True)
+            time.sleep(0.25)  # its start-up, before the window opens
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.t1 = time.time()
+        if self.cmd:
+            self.proc.terminate()
+            self.proc.wait()
+            self.file.seek(0)
+            self.lines = self.file.read().splitlines()
+            self.file.close()
+
+    def summary(self) -> dict:
+        return power_summary(self.lines, self.t0, self.t1)
+
+
+def _smi_knows(field: str) -> bool:
+    return subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv"], capture_output=True).returncode == 0
+
+
+def _smi_id(device: torch.device) -> str:
+    """`nvidia-smi -i` for this CUDA device: its UUID (CUDA_VISIBLE_DEVICES renumbers indices)."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return f"GPU-{uuid}" if uuid else str(device.index or 0)
+
+
+def power_summary(lines: list[str], t0: float, t1: float) -> dict:
+    """Median SM clock (MHz), mean power draw (W) and the share of samples held at the power limit,
+    over the `nvidia-smi` CSV samples (timestamp, clock, power, throttle reasons) taken between t0
+    and t1 (seconds since the epoch)."""
+    clocks, watts, capped = [], [], 0
+    for line in lines:
+        fields = [f.strip() for f in line.split(",")]
+        try:
+            t = datetime.strptime(fields[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            clock, power, reasons = float(fields[1]), float(fields[2]), int(fields[3], 16)
+        except (ValueError, IndexError):  # "[N/A]", or a line cut short when the sampler stopped
+            continue
+        if t0 <= t <= t1:
+            clocks.append(clock)
+            watts.append(power)
+            capped += bool(reasons & _POWER_CAP)
+    if not clocks:
+        return {}
+    return dict(sm_clock_mhz=float(np.median(clocks)), power_w=float(np.mean(watts)),
+                power_capped=capped / len(clocks), power_samples=len(clocks))  # fmt: skip
+
+
 def dynamo_compiles() -> int:
     from torch._dynamo.utils import counters
 
@@ -338,13 +416,15 @@ def train(
         torch.cuda.reset_peak_memory_stats(device)
     compiles_before = dynamo_compiles()
     timed = pinned[warmup:]
+    power = PowerSampler(device)
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in timed]
-        for (start, end), batch in zip(events, timed):
-            start.record()
-            loss = one_step(batch)
-            end.record()
-        sync(device)
+        with power:
+            for (start, end), batch in zip(events, timed):
+                start.record()
+                loss = one_step(batch)
+                end.record()
+            sync(device)
         step_ms = [s.elapsed_time(e) for s, e in events]
         total_s = events[0][0].elapsed_time(events[-1][1]) / 1e3
         peak = torch.cuda.max_memory_allocated(device) / 2**30
@@ -368,6 +448,9 @@ def train(
         loss=float(loss),
         compiles_during_timing=dynamo_compiles() - compiles_before,
     )
+    if device.type == "cuda" and (sampled := power.summary()):
+        result.update(sampled, joules_per_step=sampled["power_w"] * total_s / len(timed),
+                      real_tokens_per_joule=result["real_tokens_per_s"] / sampled["power_w"])  # fmt: skip
     if extra:
         pinned_extra = [{k: (v.pin_memory() if fused else v) for k, v in b.items()} for b in extra]
         before = dynamo_compiles()
@@ -891,6 +974,15 @@ def print_tables(report: dict) -> None:
         met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
         system = f" ({t['system']})" if t["system"] else ""
         print(f"| {t['target']}{system} | {v} | {t['goal']} | {met} |")
+    powered = [r for r in report["results"] if r.get("status") == "ok" and "power_w" in r]
+    if powered:
+        print("\n| shape | data | system | SM clock MHz | power W | J per step | real tok/J | at power limit |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in powered:
+            print(
+                f"| {r['shape']} | {r['data']} | {r['system']} | {r['sm_clock_mhz']:.0f} | {r['power_w']:.0f} | "
+                f"{r['joules_per_step']:.0f} | {r['real_tokens_per_joule']:.0f} | {r['power_capped']:.0%} |"
+            )
     print(f"\nwall time {report.get('wall_s', 0):.0f} s")
 
 

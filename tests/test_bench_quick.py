@@ -49,6 +49,35 @@ def test_warm_up_meets_the_largest_timed_shape_first():
     assert result["timed_steps"] == len(result["step_ms"]) == 3
 
 
+def test_power_summary_reads_the_samples_inside_the_timed_window():
+    import time
+    from datetime import datetime
+
+    bench = _load_bench()
+    t0 = time.time()
+
+    def line(dt: float, clock: str, power: str, reasons: str) -> str:
+        stamp = datetime.fromtimestamp(t0 + dt).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+        return f"{stamp}, {clock}, {power}, {reasons}"
+
+    lines = [
+        line(-0.5, "1980", "120.0", "0x0000000000000000"),  # before the window: idle
+        line(0.1, "1500", "700.0", "0x0000000000000004"),  # power-capped
+        line(0.2, "1600", "690.0", "0x0000000000000004"),
+        line(0.3, "1700", "650.0", "0x0000000000000000"),
+        line(0.4, "[N/A]", "[N/A]", "[N/A]"),  # skipped
+        line(2.0, "1980", "90.0", "0x0000000000000000"),  # after it
+        "2026/11/24 08:33:",  # cut short when the sampler stopped
+    ]
+    s = bench.power_summary(lines, t0, t0 + 1.0)
+    assert s == dict(sm_clock_mhz=1600.0, power_w=pytest.approx(680.0), power_capped=pytest.approx(2 / 3),
+                     power_samples=3)  # fmt: skip
+    assert bench.power_summary(lines, t0 + 5, t0 + 6) == {}
+    with bench.PowerSampler(bench.torch.device("cpu")) as power:  # no GPU: nothing sampled
+        pass
+    assert power.summary() == {}
+
+
 def test_every_system_ran(report):
     systems = {r["system"] for r in report["results"] if r["data"] == "alpaca@128"}
     expected = {"hf_padded", "hf_concat", "hf_padfree", "ours_eager_sdpa", "ours_eager_flex", "ours_compiled"}
