@@ -44,6 +44,7 @@ Token ids are random and so are the weights: nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -333,6 +334,7 @@ class PowerSampler:
         return power_summary(self.lines, self.t0, self.t1)
 
 
+@functools.cache
 def _smi_knows(field: str) -> bool:
     return subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv"], capture_output=True).returncode == 0
 
@@ -416,10 +418,9 @@ def train(
         torch.cuda.reset_peak_memory_stats(device)
     compiles_before = dynamo_compiles()
     timed = pinned[warmup:]
-    power = PowerSampler(device)
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in timed]
-        with power:
+        with PowerSampler(device) as power:
             for (start, end), batch in zip(events, timed):
                 start.record()
                 loss = one_step(batch)
