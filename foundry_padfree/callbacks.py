@@ -5,9 +5,12 @@ Shape legend: B batch rows, S row length, T real tokens, V vocabulary.
 Four Composer callbacks, registered in LLM-Foundry's `callbacks` registry (entry points
 `llmfoundry_callbacks`). Each logs through Composer's loggers under `padfree/<name>/...`, keeps its
 latest values in `.summary`, and with `strict: true` raises `PadFreeCheckError` instead of only
-logging. None of them writes to the batch or the training state: probe forwards run on copies,
-under `torch.no_grad()`, in eval mode (restored after), without randomness. On batches where
-their interval is not due they do nothing but compare two integers.
+logging. On several ranks each rank checks its own batch; `passed` and the largest differences
+are taken over all ranks (Composer's loggers write rank 0's metrics), and with `strict: true`
+every rank raises when a check failed on any of them. None of them writes to the batch or the
+training state: probe forwards run on copies, under `torch.no_grad()`, in eval mode (restored
+after), without randomness. On batches where their interval is not due they do nothing but
+compare two integers.
 
 YAML (`callbacks:` section; `interval` counts optimizer steps, the first batch is always due):
 
@@ -53,7 +56,7 @@ from composer.callbacks.speed_monitor import get_gpu_flops_available
 from composer.core import Callback, Precision, State
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
-from composer.utils import model_eval_mode
+from composer.utils import dist, model_eval_mode
 from torch import Tensor, nn
 
 import foundry_padfree.modeling as modeling
@@ -281,13 +284,35 @@ class _ProbeClock:
             cls.seconds += time.perf_counter() - start
 
 
-def _report(callback: str, problems: list[str], strict: bool) -> None:
-    if not problems:
+def _report(callback: str, problems: list[str], failed_ranks: list[int], strict: bool) -> None:
+    """Fail (`strict`) or warn when a check failed on any rank: every rank raises, so that none is
+    left waiting in a collective; each gives its own problems or names the ranks that failed."""
+    if not failed_ranks:
         return
-    message = f"{callback}: " + "; ".join(problems)
+    if problems:
+        message = f"{callback}: " + "; ".join(problems)
+    else:
+        message = f"{callback}: checks failed on rank(s) {failed_ranks}; their logs say which"
     if strict:
         raise PadFreeCheckError(message)
-    log.warning(message)
+    if problems or dist.get_global_rank() == 0:
+        log.warning(message)
+
+
+def _across_ranks(state: State, failures: int, maxima: tuple[float, ...] = ()) -> tuple[list[int], tuple[float, ...]]:
+    """Each rank's count of failed checks, and `maxima` maxed over all ranks: Composer's loggers
+    write rank 0's metrics, and each rank checks its own batch. Every rank calls this at the same
+    event (a collective on more than one rank)."""
+    world, rank = dist.get_world_size(), dist.get_global_rank()
+    if world == 1:
+        return [failures], maxima
+    values = torch.zeros(world + len(maxima), dtype=torch.float32)
+    values[rank] = failures  # the other ranks' slots are 0 here: MAX gathers every rank's count
+    values[world:] = torch.tensor(maxima, dtype=torch.float32)
+    values = state.device.tensor_to_device(values)
+    dist.all_reduce(values, reduce_operation="MAX")
+    values = values.cpu()
+    return [int(v) for v in values[:world]], tuple(float(v) for v in values[world:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,9 +330,14 @@ class _ForwardRecord:
 class PadFreeAudit(Callback):
     """Check a due batch and the training forward on it (see the module docstring).
 
+    Each audited forward logs what it saw on this rank (`unpad_calls`, `varlen_layers`,
+    `real_tokens`, ...); at the end of the batch `passed` and `checks_failed` are logged over all
+    ranks. The audit's own work is left out of `padfree_stats`' timing.
+
     Args:
         interval: audit the forwards of every `interval`-th batch (all its microbatches), from the first.
-        strict: raise `PadFreeCheckError` on the first failed check instead of logging it.
+        strict: raise `PadFreeCheckError` at the end of a batch whose checks failed on any rank,
+            instead of only logging it.
 
     Raises:
         TypeError: at init, if the run's model is not `padfree_causal_lm`.
@@ -321,6 +351,7 @@ class PadFreeAudit(Callback):
         self._record: _ForwardRecord | None = None
         self._batch_docs: BatchDocs | None = None
         self._cleanup: contextlib.ExitStack | None = None
+        self._batch_problems: list[str] | None = None  # of the batch being audited
 
     def init(self, state: State, logger: Logger) -> None:
         _check_model(state, "padfree_audit")
@@ -334,10 +365,11 @@ class PadFreeAudit(Callback):
     def before_forward(self, state: State, logger: Logger) -> None:
         if not _due(state, self.interval):
             return
-        self._batch_docs = read_batch(state.batch)
-        self._record = _ForwardRecord()
-        self._cleanup = contextlib.ExitStack()
-        self._cleanup.enter_context(_instrument(_composer_model(state), self._record))
+        with _ProbeClock.measure(state):
+            self._batch_docs = read_batch(state.batch)
+            self._record = _ForwardRecord()
+            self._cleanup = contextlib.ExitStack()
+            self._cleanup.enter_context(_instrument(_composer_model(state), self._record))
 
     def after_forward(self, state: State, logger: Logger) -> None:
         if self._record is None:
@@ -346,13 +378,14 @@ class PadFreeAudit(Callback):
         record, docs = self._record, self._batch_docs
         self._record = self._batch_docs = None
         assert docs is not None, "padfree_audit: forward record without the batch it belongs to"
-        forward_problems, varlen_layers = _check_forward(state, record, docs)
+        with _ProbeClock.measure(state):
+            forward_problems, varlen_layers = _check_forward(state, record, docs)
         problems = docs.problems + forward_problems
+        if self._batch_problems is None:
+            self._batch_problems = []
+        self._batch_problems += problems
         self.summary["forwards_audited"] += 1
-        self.summary["checks_failed"] += len(problems)
         metrics = {
-            "padfree/audit/passed": float(not problems),
-            "padfree/audit/checks_failed": float(len(problems)),
             "padfree/audit/forwards_audited": self.summary["forwards_audited"],
             "padfree/audit/unpad_calls": float(len(record.unpads)),
             "padfree/audit/varlen_layers": float(varlen_layers),
@@ -360,9 +393,25 @@ class PadFreeAudit(Callback):
             "padfree/audit/real_tokens": float(docs.num_tokens),
             "padfree/audit/documents": float(len(docs.docs)),
         }
-        self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k != "padfree/audit/checks_failed"})
+        self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items()})
         logger.log_metrics(metrics)
-        _report("padfree_audit", problems, self.strict)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self._batch_problems is None:
+            return
+        problems, self._batch_problems = self._batch_problems, None
+        with _ProbeClock.measure(state):
+            per_rank, _ = _across_ranks(state, len(problems))
+        failed_ranks = [r for r, n in enumerate(per_rank) if n]
+        self.summary["checks_failed"] += sum(per_rank)
+        metrics = {
+            "padfree/audit/passed": float(not failed_ranks),
+            "padfree/audit/checks_failed": float(sum(per_rank)),
+            "padfree/audit/ranks_failed": float(len(failed_ranks)),
+        }
+        self.summary["passed"] = metrics["padfree/audit/passed"]
+        logger.log_metrics(metrics)
+        _report("padfree_audit", problems, failed_ranks, self.strict)
 
     def close(self, state: State, logger: Logger) -> None:
         self._uninstall()
@@ -423,9 +472,11 @@ def _check_forward(state: State, record: _ForwardRecord, docs: BatchDocs) -> tup
 def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
     """Observe one forward: count `unpad` calls, embedding and attention inputs, and kernel calls.
 
-    The decoder-layer pre-hook hands the layer a `Backend` whose `attend` records its call and
-    then runs the original kernel on the same arguments: outputs and gradients are unchanged.
-    (Hooks on the layer also fire through FSDP and activation-checkpointing wrappers.)
+    The decoder-layer pre-hook hands the layer a `Backend` whose `attend` (and `attend_rope`, the
+    entry the eager fused block calls) records its call and then runs the original kernel on the
+    same arguments: outputs and gradients are unchanged. (Hooks on the layer also fire through
+    FSDP and activation-checkpointing wrappers.) The embedding is seen as a call of the
+    `embed_tokens` module or, for a tied 16-bit weight with fused kernels, of `_TiedEmbedding`.
     """
     layers = [m for m in model.modules() if isinstance(m, modeling.PadFreeDecoderLayer)]
     embeddings = [m for m in model.modules() if isinstance(m, modeling.PadFreeLlamaModel)]
@@ -442,23 +493,35 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
             record.attends.append((index, backend.name, meta_, tuple(q_TNH.shape)))
             return backend.attend(q_TNH, k_TKH, v_TKH, meta_, scale)
 
-        return (x_TD, meta, rope, backend._replace(attend=attend))
+        def attend_rope(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, cos: Tensor, sin: Tensor, meta_: Any,
+                        scale: float) -> Tensor:  # fmt: skip
+            record.attends.append((index, backend.name, meta_, tuple(q_TNH.shape)))
+            return backend.attend_rope(q_TNH, k_TKH, v_TKH, cos, sin, meta_, scale)
+
+        wrapped = backend._replace(attend=attend, attend_rope=attend_rope if backend.attend_rope else None)
+        return (x_TD, meta, rope, wrapped)
 
     def counting_unpad(*args: Any, **kwargs: Any) -> Unpadded:
         out = original_unpad(*args, **kwargs)
         record.unpads.append(out)
         return out
 
+    class RecordedTiedEmbedding:
+        @staticmethod
+        def apply(ids_T: Tensor, *args: Any) -> Tensor:
+            record.embed_inputs.append(tuple(ids_T.shape))
+            return original_tied.apply(ids_T, *args)
+
     handles = [e.embed_tokens.register_forward_pre_hook(on_embed) for e in embeddings]
     handles += [layer.register_forward_pre_hook(on_layer) for layer in layers]
-    # The model calls `unpad` through its module's global; wrapping that one name for this forward
-    # is how the audit counts calls without a hook inside the model.
-    original_unpad = modeling.unpad
-    modeling.unpad = counting_unpad
+    # The model calls `unpad` and `_TiedEmbedding` through its module's globals; wrapping those
+    # names for this forward is how the audit sees the calls without a hook inside the model.
+    original_unpad, original_tied = modeling.unpad, modeling._TiedEmbedding
+    modeling.unpad, modeling._TiedEmbedding = counting_unpad, RecordedTiedEmbedding
     try:
         yield
     finally:
-        modeling.unpad = original_unpad
+        modeling.unpad, modeling._TiedEmbedding = original_unpad, original_tied
         for h in handles:
             h.remove()
 
@@ -531,17 +594,20 @@ class PadFreeIsolation(Callback):
                 "other rows were compared; isolation within a packed row was not tested at this probe."
             )
             self._warned_unpacked = True
+        with _ProbeClock.measure(state):
+            per_rank, (other_diff_all,) = _across_ranks(state, len(problems), (other_diff,))
+        failed_ranks = [r for r, n in enumerate(per_rank) if n]
         self.summary["probes"] += 1
         metrics = {
-            "padfree/isolation/passed": float(not problems),
-            "padfree/isolation/max_abs_diff_other_docs": other_diff,
+            "padfree/isolation/passed": float(not failed_ranks),
+            "padfree/isolation/max_abs_diff_other_docs": other_diff_all,
             "padfree/isolation/max_abs_diff_perturbed_doc": target_diff,
             "padfree/isolation/documents_compared": float(len(others)),
             "padfree/isolation/same_row_documents_compared": float(same_row),
         }
         self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items()})
         logger.log_metrics(metrics)
-        _report("padfree_isolation", problems, self.strict)
+        _report("padfree_isolation", problems, failed_ranks, self.strict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,19 +673,22 @@ class PadFreeParity(Callback):
         if not logits_rel <= logits_rtol:
             problems.append(f"logits differ from the padded reference by {logits_diff:.3g} "
                             f"(relative {logits_rel:.3g} > {logits_rtol})")  # fmt: skip
+        with _ProbeClock.measure(state):
+            per_rank, maxima = _across_ranks(state, len(problems), (loss_diff, logits_diff, logits_rel))
+        failed_ranks = [r for r, n in enumerate(per_rank) if n]
         self.summary["probes"] += 1
         metrics = {
-            "padfree/parity/passed": float(not problems),
+            "padfree/parity/passed": float(not failed_ranks),
             "padfree/parity/loss_padfree": loss_ours,
             "padfree/parity/loss_reference": loss_ref,
-            "padfree/parity/loss_abs_diff": loss_diff,
-            "padfree/parity/logits_max_abs_diff": logits_diff,
-            "padfree/parity/logits_max_rel_diff": logits_rel,
+            "padfree/parity/loss_abs_diff": maxima[0],
+            "padfree/parity/logits_max_abs_diff": maxima[1],
+            "padfree/parity/logits_max_rel_diff": maxima[2],
             "padfree/parity/documents": float(len(row_docs)),
         }
         self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items()})
         logger.log_metrics(metrics)
-        _report("padfree_parity", problems, self.strict)
+        _report("padfree_parity", problems, failed_ranks, self.strict)
 
     def _compare(
         self, state: State, probe: dict[str, Tensor], rows: list[int], row_docs: list[Document]

@@ -195,7 +195,8 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
         """Training FLOPs of `batch`, real tokens only: `6 N T_real + 12 L d sum(len_i^2)`.
 
         Composer's `SpeedMonitor` calls this with the full device batch to log MFU; padding adds
-        nothing because the model never computes it.
+        nothing because the model never computes it. The head is counted on every real token, as
+        `6 N T` does, also where the model skips it (tokens without a target): `training_flops`.
         """
         return training_flops(self.config, self.num_flop_params, document_lengths(batch))
 

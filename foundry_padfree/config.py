@@ -46,6 +46,8 @@ class PadFreeLlamaConfig(LlamaConfig):
     """
 
     model_type = "padfree_llama"
+    # Output keys HF `Trainer`'s evaluation leaves out of the predictions (the logits).
+    keys_to_ignore_at_inference = ["past_key_values", "num_loss_tokens"]
 
     def __init__(
         self,

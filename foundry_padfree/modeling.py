@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from foundry_padfree.attention import Backend, resolve_backend
 from foundry_padfree.config import PadFreeLlamaConfig
 from foundry_padfree.loss import DeferredHeadGrad, linear_cross_entropy, linear_dtype
 from foundry_padfree.varlen import VarlenMeta, unpad
+
+log = logging.getLogger(__name__)
 
 # RoPE variants whose frequencies do not depend on the batch (dynamic ones rescale with the longest
 # sequence seen, which a packed batch of many documents does not define).
@@ -613,14 +616,27 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
     ) -> BaseModelOutput | tuple[Tensor]:
         """HF `LlamaModel` interface: `[B,S]` in, `[B,S,D]` last hidden state out (zeros at padding)."""
         with torch.no_grad():
-            batch = unpad(
-                input_ids, attention_mask, sequence_id, position_ids, None, self.config.max_position_embeddings,
-                device=self.embed_tokens.weight.device,
-            )  # fmt: skip
+            batch = unpad(input_ids, attention_mask, sequence_id, position_ids, device=self.embed_tokens.weight.device)
+        _warn_past_max_positions(batch.meta, self.config.max_position_embeddings)
         hidden_BSD = batch.meta.pad(self.forward_tokens(batch.input_ids_T, batch.meta))
-        if return_dict is False:
+        if not (return_dict if return_dict is not None else self.config.use_return_dict):
             return (hidden_BSD,)
         return BaseModelOutput(last_hidden_state=hidden_BSD)
+
+
+def _warn_past_max_positions(meta: VarlenMeta, max_positions: int) -> None:
+    """Without labels (inference, generation) a document may run past `max_position_embeddings`,
+    as in stock Llama, which warns (once); with labels `unpad` refuses it (a data set-up error)."""
+    if meta.max_seqlen > max_positions:
+        _warn_once_past(max_positions)
+
+
+@functools.cache
+def _warn_once_past(max_positions: int) -> None:
+    log.warning(
+        "a document runs past max_position_embeddings (%d): its later positions lie beyond the "
+        "model's context, computed as stock Llama computes them.", max_positions,
+    )  # fmt: skip
 
 
 # HF arguments that `forward` accepts and that change nothing here: `cache_position` indexes a KV
@@ -721,7 +737,9 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                 divided by it, as HF's causal-LM loss computes it.
             logits_to_keep: HF's: logits of the last `logits_to_keep` positions only (0: all), or
                 of the positions a 1-D tensor lists. Generation asks for the last one.
-            return_dict: False returns `to_tuple()` of the output, as HF models do.
+            return_dict: False returns `to_tuple()` of the output, as HF models do: `(loss, logits,
+                num_loss_tokens)` (logits then by default also in training); None: the config's
+                `use_return_dict`.
         """
         _check_hf_kwargs(hf_kwargs, past_key_values, packed=position_ids is not None)
         if num_items_in_batch is not None and loss_reduction != "mean":
@@ -730,11 +748,17 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                 "already divided by num_items_in_batch; use the default loss_reduction='mean'."
             )
 
+        if return_dict is None:
+            return_dict = self.config.use_return_dict
+        max_positions = self.config.max_position_embeddings
         with torch.no_grad():  # unpad once, before the embedding
             batch = unpad(
                 input_ids, attention_mask, sequence_id, position_ids, labels,
-                self.config.max_position_embeddings, self.config.vocab_size, self.model.embed_tokens.weight.device,
+                max_positions if labels is not None else None, self.config.vocab_size,
+                self.model.embed_tokens.weight.device,
             )  # fmt: skip
+        if labels is None:
+            _warn_past_max_positions(batch.meta, max_positions)
         head_grad = self._deferred_head_grad() if labels is not None else None
         x_TD = self.model.forward_tokens(batch.input_ids_T, batch.meta, head_grad)
 
@@ -754,11 +778,11 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
             )
             if num_items_in_batch is not None:
                 loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-        if return_logits is None:
-            return_logits = labels is None or not self.training
+        if return_logits is None:  # a tuple starts (loss, logits) as stock Llama's does
+            return_logits = labels is None or not self.training or not return_dict
         logits = self._logits(x_TD, batch.meta, logits_to_keep) if return_logits else None
         out = PadFreeCausalLMOutput(loss=loss, logits=logits, num_loss_tokens=num_loss_tokens)
-        return out.to_tuple() if return_dict is False else out
+        return out if return_dict else out.to_tuple()
 
     def _deferred_head_grad(self) -> DeferredHeadGrad | None:
         """A hand-over of the loss head's weight gradient to the embedding's backward
@@ -827,7 +851,8 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         if push:
             bound.arguments["push_to_hub"] = False
         super().save_pretrained(*bound.args[1:], **bound.kwargs)
-        if not bound.arguments.get("is_main_process", True):
+        # `save_config` is the deprecated name of `is_main_process`; HF's method reads either.
+        if not bound.arguments.get("kwargs", {}).get("save_config", bound.arguments.get("is_main_process", True)):
             return
         self.config.to_llama_config().save_pretrained(save_directory)
         if push:
@@ -841,7 +866,10 @@ def training_flops(config: PadFreeLlamaConfig, num_params: int, doc_lens: tuple[
 
     `6 N T` for the weights (N non-embedding-lookup parameters, T real tokens) plus the attention
     scores, `12 L d sum(len_i^2)` (PaLM's convention, as LLM-Foundry's MPT uses with `S^2`),
-    summed over documents instead of `B S^2` over padded rows.
+    summed over documents instead of `B S^2` over padded rows. A convention, as LLM-Foundry's
+    MFU is: `6 N T` counts the output head on every real token, while the model runs the head
+    and loss only on tokens with a target (for fine-tuning with masked prompts the FLOPs executed
+    are fewer), and the attention term does not halve for the causal mask.
     """
     d = config.num_attention_heads * _head_dim(config)
     return 6 * num_params * sum(doc_lens) + 12 * config.num_hidden_layers * d * sum(n * n for n in doc_lens)

@@ -120,7 +120,7 @@ def unpad(
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+    if not _is_integer(input_ids):
         raise ValueError(
             f"input_ids has dtype {input_ids.dtype}; token ids must be an integer tensor "
             "(convert with input_ids.long())."
@@ -138,6 +138,8 @@ def unpad(
                 f"{name} has shape {tuple(t.shape)} but input_ids has {(B, S)}; "
                 "every per-token tensor of the batch must have the same [batch, seq_len] shape."
             )
+        if t is not None and name != "attention_mask" and not _is_integer(t):
+            raise ValueError(f"{name} has dtype {t.dtype}; it must be an integer tensor (convert with {name}.long()).")
         if t is not None and t.device != input_ids.device:
             raise ValueError(
                 f"{name} is on {t.device} but input_ids on {input_ids.device}; pass the whole batch on one device."
@@ -228,6 +230,10 @@ def unpad(
     )
     targets_T = _shift_targets(real_tokens(labels), meta, last_T) if labels is not None else None
     return Unpadded(meta, real_tokens(input_ids), targets_T, supervised_T, supervised_have_targets=True)
+
+
+def _is_integer(t: Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def _unpad_dense(

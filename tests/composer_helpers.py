@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from composer import Trainer
 from composer.core import DataSpec
 from composer.loggers import InMemoryLogger
+from composer.utils import dist
 from llmfoundry.data.utils import get_tokens_per_batch_func
 from torch.utils.data import DataLoader
 
@@ -68,7 +70,8 @@ def packed_batch(rows: list[list[int]] = ROWS[:4], seed: int = 0) -> dict:
 
 def train_loader(batch_size: int = 4, rows: list[list[int]] = ROWS) -> DataSpec:
     data = [packed_row(doc_lens, i) for i, doc_lens in enumerate(rows)]
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    sampler = dist.get_sampler(data, shuffle=False) if dist.get_world_size() > 1 else None  # rows split by rank
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate, sampler=sampler)
     return DataSpec(loader, get_num_tokens_in_batch=get_tokens_per_batch_func())
 
 
@@ -104,3 +107,10 @@ def logged(trainer: Trainer, key: str) -> list[float]:
     """Every value logged under `key`, in order."""
     memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
     return [float(v) for _, v in memory.data.get(key, [])]
+
+
+def leaky_attend(q_TNH, k_TKH, v_TKH, meta, scale):
+    """Plain causal attention over the whole packed stream: documents see their predecessors."""
+    groups = q_TNH.shape[1] // k_TKH.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k_TKH, v_TKH))
+    return F.scaled_dot_product_attention(q_TNH.transpose(0, 1), k, v, is_causal=True, scale=scale).transpose(0, 1)

@@ -428,3 +428,22 @@ def test_the_attention_operator_passes_opcheck():
     meta, (q, k, v), _ = _attention_case([5, 33, 1], 4, 2, 16, torch.float32)
     tiles = ta.schedule(meta.doc_lens, q.device, ta.TileSizes(**SMALL_TILES))
     torch.library.opcheck(ta._attention_op, (q, k, v, *tiles[:3], tiles.sizes_cpu, 0.25))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_tied"])
+def test_audit_sees_the_fused_eager_paths(K, tmp_path, dtype):
+    # Where kernels run (here interpreted; on CUDA compiled), the eager block calls the Triton
+    # backend's `attend_rope` (RoPE inside the attention op), and a tied 16-bit weight embeds through
+    # `_TiedEmbedding`, not the `embed_tokens` module: the strict audit must see both as they are.
+    from foundry_padfree.callbacks import PadFreeAudit
+    from foundry_padfree.modeling import _folds
+    from tests.composer_helpers import composer_model, fit, logged, write_model_dir
+
+    model = composer_model(write_model_dir(tmp_path / "model", tie_word_embeddings=True), attn_backend="triton")
+    model.to(dtype)  # bf16 parameters: FSDP's PURE mixed precision
+    decoder = model.model.model
+    assert _folds(decoder.layers[0], torch.zeros(1, 32, dtype=dtype))
+    assert (model.model._deferred_head_grad() is not None) == (dtype == torch.bfloat16)
+    trainer = fit(model, [PadFreeAudit(interval=1, strict=True)], batches=1, microbatch=4)
+    assert logged(trainer, "padfree/audit/passed") == [1.0]
+    assert logged(trainer, "padfree/audit/varlen_layers") == [2.0]

@@ -3,9 +3,10 @@ training, fail on broken training, cost nothing off-interval and never change wh
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
-import torch.nn.functional as F
 from llmfoundry.registry import callbacks
 
 import foundry_padfree.callbacks as cb
@@ -20,7 +21,16 @@ from foundry_padfree.callbacks import (
     read_batch,
 )
 from foundry_padfree.varlen import unpad
-from tests.composer_helpers import ROWS, SEQ_LEN, composer_model, fit, logged, packed_batch, write_model_dir
+from tests.composer_helpers import (
+    ROWS,
+    SEQ_LEN,
+    composer_model,
+    fit,
+    leaky_attend,
+    logged,
+    packed_batch,
+    write_model_dir,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +55,9 @@ def test_registered_by_name():
 
 def test_all_pass_on_padfree_training_with_microbatches(model_dir):
     trainer = fit(composer_model(model_dir), all_callbacks(), batches=2, microbatch=2)
-    # 2 batches x 2 microbatches: every training forward was audited.
-    assert logged(trainer, "padfree/audit/passed") == [1.0] * 4
+    # 2 batches x 2 microbatches: every training forward was audited, and each batch passed.
+    assert logged(trainer, "padfree/audit/passed") == [1.0] * 2
+    assert logged(trainer, "padfree/audit/checks_failed") == [0.0] * 2
     assert logged(trainer, "padfree/audit/unpad_calls") == [1.0] * 4
     assert logged(trainer, "padfree/audit/varlen_layers") == [2.0] * 4
     # Microbatch 1 of batch 1 is rows 0-1: documents [5, 3, 7] and [4, 6].
@@ -98,6 +109,15 @@ def test_stats_are_the_batch_arithmetic(model_dir):
     assert logged(trainer, "padfree/stats/max_seqlen") == [16.0]
     assert logged(trainer, "padfree/stats/real_tokens_per_sec")[0] > 0
     assert "padfree/stats/mfu" not in trainer.logger.destinations[0].data  # no GPU peak on CPU
+
+
+def test_stats_leave_the_audit_and_probes_out_of_the_batch_time(model_dir, monkeypatch):
+    check_forward, compare = cb._check_forward, PadFreeParity._compare
+    monkeypatch.setattr(cb, "_check_forward", lambda *a: time.sleep(0.5) or check_forward(*a))
+    monkeypatch.setattr(PadFreeParity, "_compare", lambda *a: time.sleep(0.5) or compare(*a))
+    trainer = fit(composer_model(model_dir), all_callbacks(), batches=1, microbatch=4)
+    seconds = logged(trainer, "padfree/stats/real_tokens")[0] / logged(trainer, "padfree/stats/real_tokens_per_sec")[0]
+    assert seconds < 0.4, seconds  # the step alone, without the 1 s the checks slept
 
 
 def test_callbacks_change_nothing_that_is_trained(model_dir):
@@ -170,13 +190,6 @@ def test_audit_without_strict_logs_the_failure(model_dir, monkeypatch):
     trainer = fit(composer_model(model_dir), [PadFreeAudit(interval=1, strict=False)], batches=1, microbatch=4)
     assert logged(trainer, "padfree/audit/passed") == [0.0]
     assert logged(trainer, "padfree/audit/checks_failed") == [1.0]
-
-
-def leaky_attend(q_TNH, k_TKH, v_TKH, meta, scale):
-    """Plain causal attention over the whole packed stream: documents see their predecessors."""
-    groups = q_TNH.shape[1] // k_TKH.shape[1]
-    k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k_TKH, v_TKH))
-    return F.scaled_dot_product_attention(q_TNH.transpose(0, 1), k, v, is_causal=True, scale=scale).transpose(0, 1)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from foundry_padfree import PadFreeLlamaConfig, attention
 from tests.conftest import tiny_config, tiny_model
@@ -37,7 +38,19 @@ def test_document_longer_than_position_limit(how):
         "position_ids": {"position_ids": torch.arange(10)[None]},
     }[how]
     with pytest.raises(ValueError, match=r"max_position_embeddings.*(truncate|split)"):
-        model(ids, **kwargs)
+        model(ids, labels=ids, **kwargs)
+    # Without labels (inference, generation) stock Llama runs past the limit with a warning: so do we.
+    hf = LlamaForCausalLM(model.config.to_llama_config())
+    hf.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ids, **kwargs).logits, hf.eval()(ids, **kwargs).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["labels", "sequence_id", "position_ids"])
+def test_float_per_token_tensors(model, name):
+    ids = torch.randint(3, 97, (1, 6))
+    given = {"labels": ids, "sequence_id": torch.zeros_like(ids), "position_ids": torch.arange(6)[None]}[name]
+    with pytest.raises(ValueError, match=rf"{name} has dtype torch.float32.*{name}.long\(\)"):
+        model(ids, **{name: given.float() + 0.7})
 
 
 def test_float_input_ids(model):

@@ -190,3 +190,21 @@ def test_eval_on_two_ranks_scores_every_example_once(tmp_path):
     for name in ("seven", "five"):
         assert two[name]["scored_targets"] == one[name]["scored_targets"] > 0, (name, one, two)
         assert two[name]["loss"] == pytest.approx(one[name]["loss"], rel=1e-5), name
+
+
+def test_callbacks_fail_on_every_rank_when_one_rank_fails(tmp_path):
+    """Each rank checks its own batch; Composer's loggers write rank 0's metrics. A failure on
+    rank 1 must show in what rank 0 logs, and with `strict` stop both ranks (none left waiting)."""
+    import json
+
+    from tests.composer_helpers import write_model_dir
+
+    write_model_dir(tmp_path / "model")
+    check.launch(2, tmp_path, [], tmp_path / "ranks.log", script=REPO / "tests" / "audit_ranks.py")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["audit"] == {"passed": [0.0], "checks_failed": [1.0], "ranks_failed": [1.0]}, r
+    assert "rank(s) [1]" in ranks[0]["audit_strict_error"]
+    assert "total_tokens[0] = 16 but row 0 has" in ranks[1]["audit_strict_error"]
+    assert "rank(s) [1]" in ranks[0]["isolation_strict_error"]
+    assert "moved other documents' logits" in ranks[1]["isolation_strict_error"]

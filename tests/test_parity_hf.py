@@ -167,6 +167,15 @@ def test_tuple_outputs_and_logits_to_keep_match_hf():
     assert isinstance(ours, tuple)
     torch.testing.assert_close(ours[0], ref[0], **TOL)  # loss
     torch.testing.assert_close(ours[1], ref[1], **TOL)  # logits
+    # In training too, and with the config's return_dict instead of the argument.
+    model.train(), hf.train()
+    model.config.return_dict = hf.config.return_dict = False
+    ours, ref = model(ids, attention_mask=mask, labels=labels), hf(ids, attention_mask=mask, labels=labels)
+    assert isinstance(ours, tuple) and isinstance(ref, tuple)
+    torch.testing.assert_close(ours[1], ref[1], **TOL)
+    assert isinstance(model.model(ids, attention_mask=mask), tuple)
+    model.config.return_dict = hf.config.return_dict = True
+    model.eval(), hf.eval()
     for keep in (1, 3, torch.tensor([0, 4])):
         ours = model(ids, attention_mask=mask, logits_to_keep=keep).logits
         ref = hf(ids, attention_mask=mask, logits_to_keep=keep).logits
@@ -216,3 +225,16 @@ def test_a_row_of_padding_only_is_accepted_as_hf_does(side):
     mask[1], labels[1] = 0, -100  # row 1: padding only
     ours = assert_matches_hf(tiny_model(), ids, mask, labels)
     assert (ours.logits[1] == 0).all()
+
+
+def test_hf_trainer_evaluation_predicts_logits_only(tmp_path):
+    # HF `Trainer` collects every output but the loss and the config's keys_to_ignore_at_inference as
+    # predictions: the loss's token count must not become a second prediction array.
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model()
+    ids, mask, labels, _ = padded_batch([7, 5], "right")
+    data = [{"input_ids": i, "attention_mask": m, "labels": lab} for i, m, lab in zip(ids, mask, labels)]
+    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True)
+    predictions = Trainer(model=model, args=args).predict(data).predictions
+    assert not isinstance(predictions, tuple) and predictions.shape == (2, 7, 97)

@@ -58,6 +58,8 @@ def test_save_pretrained_arguments_as_hf_takes_them(tmp_path, monkeypatch):
     # is_main_process given positionally (HF's second parameter): no config from a non-main rank.
     model.save_pretrained(tmp_path / "rank1", False)
     assert not (tmp_path / "rank1" / "config.json").exists()
+    model.save_pretrained(tmp_path / "rank1_old_name", save_config=False)  # HF's deprecated name for it
+    assert not (tmp_path / "rank1_old_name" / "config.json").exists()
     # push_to_hub uploads what a stock loader reads: it comes after the stock config is written
     # (`PreTrainedModel.push_to_hub` saves again through our save_pretrained, into its own folder).
     pushed = []
