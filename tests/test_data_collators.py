@@ -37,7 +37,6 @@ def test_collate_rows_layout():
     "rows, row_len, match",
     [
         ([], 4, "no rows"),
-        ([[]], 4, "row 0 of the batch has no documents"),
         ([[Document(np.array([], dtype=np.int64), np.array([], dtype=np.int64))]], 4, "empty document"),
         ([[Document(np.arange(5), np.arange(5))]], 4, "row 0 holds 5 tokens"),
         ([[Document(np.arange(3), np.arange(2))]], 4, "3 input_ids but 2 labels"),
@@ -95,12 +94,20 @@ def test_text_column_uses_attention_mask():
     assert batch["labels"].tolist() == [[X, 4, EOS, X, X]]
 
 
+def test_an_empty_sample_is_a_row_of_padding():
+    # As LLM-Foundry's text loader has it (a blank document of a dump, with a tokenizer adding no BOS).
+    batch = PadFreeTextCollator(4, PAD, eos_token_id=EOS)([_tensor([3, EOS]), _tensor([])])
+    assert batch["input_ids"].tolist() == [[3, EOS, PAD, PAD], [PAD] * 4]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [0] * 4]
+    assert batch["sequence_id"].tolist() == [[0, 0, -1, -1], [-1] * 4]
+    assert batch["labels"].tolist() == [[X, EOS, X, X], [X] * 4]
+    assert batch["total_tokens"] == [2, 0] and batch["loss_generating_tokens"] == [1, 0]
+
+
 def test_text_collator_errors():
     with pytest.raises(ValueError, match="eos_token_id = 2 and bos_token_id = 1 are both set"):
         PadFreeTextCollator(8, PAD, eos_token_id=EOS, bos_token_id=BOS)
     collate = PadFreeTextCollator(4, PAD, eos_token_id=EOS)
-    with pytest.raises(ValueError, match="sample 1 of the batch has no tokens"):
-        collate([_tensor([3]), _tensor([])])
     with pytest.raises(ValueError, match="sample 0 has 5 tokens, more than max_seq_len"):
         collate([_tensor([3, 4, 5, 6, 7])])
 

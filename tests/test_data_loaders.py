@@ -113,20 +113,25 @@ def test_finetuning_epoch_has_every_example_once(data_dir, mode):
     assert loss_tokens == sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in expected)
 
 
-def test_finetuning_prompt_masking_and_multi_turn(data_dir):
+@pytest.mark.parametrize("target_responses", ["all", "last"])
+def test_finetuning_prompt_masking_and_multi_turn(data_dir, target_responses):
     cfg = _finetuning_yaml(data_dir, "budget")
-    cfg["dataset"].update(hf_kwargs={"data_files": f"{data_dir}/chat/train.jsonl"}, target_responses="all")
+    cfg["dataset"].update(hf_kwargs={"data_files": f"{data_dir}/chat/train.jsonl"}, target_responses=target_responses,
+                          max_seq_len=2048)  # fmt: skip
     del cfg["dataset"]["preprocessing_fn"]
     tok = tokenizer()
-    spec = _build(cfg, device_batch_size=2)
-    batch = next(iter(spec.dataloader))
-    for docs in documents_of(batch):
-        for ids, labels in docs:
-            text = tok.decode(ids)
-            targets = tok.decode(labels[labels != IGNORE_INDEX])
-            # target_prompts none: no user turn is a target; target_responses all: every assistant one is.
-            assert text.count("<|im_start|>user") >= 1 and "user" not in targets
-            assert targets.count("<|im_end|>") == text.count("<|im_start|>assistant") or len(ids) == SEQ
+    multi_turn = 0
+    for batch in _build(cfg, device_batch_size=2).dataloader:
+        for docs in documents_of(batch):
+            for ids, labels in docs:
+                text, targets = tok.decode(ids), tok.decode(labels[labels != IGNORE_INDEX])
+                answers = text.count("<|im_start|>assistant")
+                multi_turn += answers > 1
+                # target_prompts none: no user turn is a target. The responses that are targets end
+                # with <|im_end|>: every assistant turn (all) or only the last one (last).
+                assert "<|im_start|>user" in text and "user" not in targets
+                assert targets.count("<|im_end|>") == (answers if target_responses == "all" else 1), text
+    assert multi_turn > 5  # the check saw examples where "all" and "last" differ
 
 
 def test_text_loader_tokens_and_text_columns(data_dir):
@@ -285,7 +290,7 @@ def test_composer_checkpoint_restores_the_exact_next_batch(data_dir, tmp_path):
     assert len(replayed.input_ids) == 1 and torch.equal(replayed.input_ids[0], recorded.input_ids[2])
 
 
-def test_bad_input_gives_clear_errors(data_dir, tmp_path):
+def test_bad_input_gives_clear_errors(data_dir, tmp_path, caplog):
     cfg = _finetuning_yaml(data_dir, "budget")
     cases = [
         ({"packing_buffer": 8}, "unknown option\\(s\\) \\['packing_buffer'\\]"),
@@ -312,6 +317,16 @@ def test_bad_input_gives_clear_errors(data_dir, tmp_path):
         _build({**text, "dataset": {**text["dataset"], "mlm_probability": 0.15}}, 2)
     with pytest.raises(ValueError, match="max_seq_len = 1"):
         _build({**text, "dataset": {**text["dataset"], "max_seq_len": 1}}, 2)
+    # LLM-Foundry's padded-shape options are accepted and said to change nothing.
+    with caplog.at_level("WARNING", logger="foundry_padfree.data.finetuning"):
+        _build({**cfg, "dataset": {**cfg["dataset"], "allow_pad_trimming": False}}, 2)
+    assert any("dataset.allow_pad_trimming = False has no effect" in r.message for r in caplog.records)
+    # A whole float is read as LLM-Foundry reads it; anything else names the value.
+    assert next(iter(_build({**text, "dataset": {**text["dataset"], "max_seq_len": 64.0}}, 2).dataloader))
+    assert next(iter(_build({**cfg, "max_tokens_per_row": 256.0}, 2).dataloader))
+    for bad in ("256", 256.5):
+        with pytest.raises(ValueError, match=rf"max_tokens_per_row = {bad!r}; it must be a whole number of tokens"):
+            _build({**cfg, "max_tokens_per_row": bad}, 2)
 
     # Streaming data is not filtered by LLM-Foundry: an empty response is an error naming the example.
     write_mds(

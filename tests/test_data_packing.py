@@ -53,7 +53,9 @@ def test_pack_rows_property(lengths, capacity, buffer_size):
         assert sum(sum(lengths[p] for p in row) <= capacity // 2 for row in rows) <= 1
 
 
-def _sampler(lengths, mode="budget", dbs=2, capacity=64, buffer_size=16, shuffle=True, seed=0, world=1, rank=0):
+def _sampler(
+    lengths, mode="budget", dbs=2, capacity=64, buffer_size=16, shuffle=True, seed=0, world=1, rank=0, replication=1
+):
     return PackedBatchSampler(
         lengths,
         mode=mode,
@@ -64,6 +66,7 @@ def _sampler(lengths, mode="budget", dbs=2, capacity=64, buffer_size=16, shuffle
         seed=seed,
         num_replicas=world,
         rank=rank,
+        replication=replication,
     )
 
 
@@ -185,6 +188,19 @@ def test_resume_gives_the_exact_next_batches(mode, world):
         resumed.set_epoch(epoch)
         assert list(resumed) == expected
         assert len(list(resumed)) == len(resumed)  # the resume point is used once; next epoch is whole
+
+
+def test_resume_with_replicated_ranks():
+    # dataset.replication = 2 on 4 ranks: two plans, each served to two ranks. Composer sums its
+    # sample count over all four ranks, so it counts each example twice.
+    lengths = list(np.random.default_rng(3).integers(1, 64, size=100))
+    done = 3
+    original = _sampler(lengths, "flatten", world=2, replication=2)
+    examples_done = sum(original.plan(0).examples_per_step()[:done])
+    state = PackedDataset(list(range(100)), original).state_dict(2 * examples_done, True)
+    resumed = _sampler(lengths, "flatten", world=2, replication=2)
+    PackedDataset(list(range(100)), resumed).load_state_dict(state)
+    assert list(resumed) == list(original)[done:]
 
 
 def test_resume_errors():

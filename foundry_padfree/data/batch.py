@@ -49,7 +49,8 @@ def collate_rows(rows: Sequence[Sequence[Document]], row_len: int, pad_token_id:
     """Lay out `rows` of documents as a right-padded `[B, S]` batch (see the module docstring).
 
     Args:
-        rows: B rows, each a non-empty sequence of documents whose lengths add up to at most `row_len`.
+        rows: B rows, each a sequence of documents whose lengths add up to at most `row_len` (a row
+            without documents is all padding, as LLM-Foundry's `text` loader makes of an empty sample).
         row_len: S, the number of columns.
         pad_token_id: filler id for `input_ids` on padding (never used to find padding).
 
@@ -58,7 +59,7 @@ def collate_rows(rows: Sequence[Sequence[Document]], row_len: int, pad_token_id:
         (B, S) int64, and the per-row lists `total_tokens`, `loss_generating_tokens`.
 
     Raises:
-        ValueError: for an empty batch, row or document, or a row longer than `row_len`.
+        ValueError: for an empty batch or document, or a row longer than `row_len`.
     """
     if not rows:
         raise ValueError("collate_rows got no rows; a batch needs at least one row.")
@@ -69,10 +70,8 @@ def collate_rows(rows: Sequence[Sequence[Document]], row_len: int, pad_token_id:
     position_ids_BS = np.zeros((B, S), dtype=np.int64)
     total_tokens: list[int] = []
     for b, docs in enumerate(rows):
-        if not docs:
-            raise ValueError(f"row {b} of the batch has no documents; every row needs at least one.")
         lengths = [len(doc.input_ids) for doc in docs]
-        if min(lengths) == 0:
+        if min(lengths, default=1) == 0:
             raise ValueError(f"row {b} holds an empty document (document lengths {lengths}); drop empty documents.")
         if sum(lengths) > S:
             raise ValueError(f"row {b} holds {sum(lengths)} tokens (documents {lengths}) but rows have {S} columns.")

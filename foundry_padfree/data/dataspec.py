@@ -83,3 +83,19 @@ def worker_options(
 FOUNDRY_BUILDER_WORKERS = worker_options(
     num_workers=0, pin_memory=False, prefetch_factor=None, persistent_workers=False, timeout=0
 )
+
+
+def whole_number(value: Any, name: str) -> int:
+    """`value` as an int: an int, or a float with no fractional part (as LLM-Foundry reads
+    `max_seq_len`: YAML and CLI overrides may give `2048.0`).
+
+    Raises:
+        ValueError: for anything else, naming `name` and the value.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (isinstance(value, float) and not value.is_integer())
+    ):
+        raise ValueError(f"{name} = {value!r}; it must be a whole number of tokens, e.g. 2048.")
+    return int(value)

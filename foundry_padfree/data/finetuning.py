@@ -25,6 +25,10 @@ How examples become rows and steps is `packing.py`: `budget` fills `device_batch
 `max_tokens_per_row` tokens per device (fewer optimizer steps per epoch than the unpacked loader);
 `flatten` keeps `device_batch_size` examples per device per step (the same number of steps).
 
+Batches are always trimmed to their longest row (rounded up to 8 columns): LLM-Foundry's
+`allow_pad_trimming` and `pad_to_longest` are accepted, with a warning that they change nothing
+(the model computes on real tokens only, so the padded shape costs nothing but host copies).
+
 Examples are never dropped by the packer. The only examples a run does not see are those
 LLM-Foundry's own HF dataset builder filters out before packing (empty prompt or response, or no
 target left within `max_seq_len`), which it reports in a warning; `scripts/packing_stats.py`
@@ -61,7 +65,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from foundry_padfree.data.batch import Document, collate_rows
-from foundry_padfree.data.dataspec import FOUNDRY_BUILDER_WORKERS, padfree_data_spec, worker_options
+from foundry_padfree.data.dataspec import FOUNDRY_BUILDER_WORKERS, padfree_data_spec, whole_number, worker_options
 from foundry_padfree.data.packing import PACKING_MODES, PackedBatchSampler, PackedDataset
 from foundry_padfree.varlen import IGNORE_INDEX
 
@@ -78,6 +82,8 @@ _FINETUNING_DATASET_KEYS = (
     | {"hf_name", "shuffle_seed", "replication"}
 ) - {"self", "dataset_name", "tokenizer", "mapping_fn", "kwargs", "batch_size", "packing_ratio"}
 _ROW_MULTIPLE = 8  # columns are trimmed to the longest row, rounded up to this (tensor-core friendly)
+# LLM-Foundry's options for the padded shape of its batches, which rows here never keep.
+_PADDING_KEYS = ("allow_pad_trimming", "pad_to_longest")
 
 
 class ExampleTokens(NamedTuple):
@@ -233,6 +239,13 @@ def build_padfree_finetuning_dataloader(
     max_seq_len = dataset_cfg["max_seq_len"]
     if drop_last:
         log.info("padfree_finetuning: drop_last is ignored; packed loaders never drop examples.")
+    for key in _PADDING_KEYS:
+        if key in dataset_cfg:
+            log.warning(
+                f"padfree_finetuning: dataset.{key} = {dataset_cfg[key]!r} has no effect: columns are always "
+                f"trimmed to the longest row of the batch (rounded up to {_ROW_MULTIPLE}). The model computes on "
+                "real tokens only, so its memory and speed do not depend on the padded shape."
+            )
 
     # LLM-Foundry builds, tokenizes and filters the dataset exactly as its `finetuning` loader does
     # (preprocessing functions, remote files, streaming, chat templates, target checks); we keep
@@ -270,6 +283,7 @@ def build_padfree_finetuning_dataloader(
         seed=int(dataset_cfg.get("shuffle_seed", 0)),
         num_replicas=dist.get_world_size() // replication,
         rank=dist.get_global_rank() // replication,
+        replication=replication,
     )
     loader = DataLoader(
         PackedDataset(base, sampler, truncated),
@@ -325,8 +339,8 @@ def _validate(
         )
     if "hf_name" in dataset_cfg and "shuffle" not in dataset_cfg:
         raise ValueError("dataset.shuffle is not set; LLM-Foundry's finetuning loader requires it: add shuffle: true.")
-    max_seq_len = dataset_cfg.get("max_seq_len")
-    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+    max_seq_len = dataset_cfg["max_seq_len"] = whole_number(dataset_cfg.get("max_seq_len"), "dataset.max_seq_len")
+    if max_seq_len < 2:
         raise ValueError(
             f"dataset.max_seq_len = {max_seq_len!r}; an example needs at least 2 tokens for one to have a target."
         )
@@ -334,8 +348,8 @@ def _validate(
         raise ValueError(f"packing_mode = {packing_mode!r}; choose one of {', '.join(PACKING_MODES)}.")
     if not isinstance(packing_buffer_size, int) or packing_buffer_size < 1:
         raise ValueError(f"packing_buffer_size = {packing_buffer_size!r}; use a positive integer (e.g. 1024).")
-    row_capacity = max_seq_len if max_tokens_per_row is None else max_tokens_per_row
-    if not isinstance(row_capacity, int) or row_capacity < max_seq_len:
+    row_capacity = max_seq_len if max_tokens_per_row is None else whole_number(max_tokens_per_row, "max_tokens_per_row")
+    if row_capacity < max_seq_len:
         raise ValueError(
             f"max_tokens_per_row = {max_tokens_per_row!r} is below dataset.max_seq_len = {max_seq_len}: an example "
             "of max_seq_len tokens would not fit in a row. Raise it or leave it unset (= max_seq_len)."

@@ -139,6 +139,8 @@ class PackedBatchSampler(DistributedSampler):
         seed: shuffle seed.
         num_replicas: ranks that get different data.
         rank: this rank, in [0, num_replicas).
+        replication: ranks that get the same data (`dataset.replication`): Composer's sample count,
+            summed over all ranks, counts each example that many times.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class PackedBatchSampler(DistributedSampler):
         seed: int,
         num_replicas: int = 1,
         rank: int = 0,
+        replication: int = 1,
     ):
         if mode not in PACKING_MODES:
             raise ValueError(f"packing_mode = {mode!r}; choose one of {', '.join(PACKING_MODES)}.")
@@ -162,6 +165,7 @@ class PackedBatchSampler(DistributedSampler):
             raise ValueError("the dataset has no examples; there is nothing to pack.")
         super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.replication = replication
         self.mode = mode
         self.device_batch_size = device_batch_size
         self.row_capacity = row_capacity
@@ -276,8 +280,9 @@ class PackedBatchSampler(DistributedSampler):
         return digest.hexdigest()[:16]
 
     def state_dict(self, num_samples: int) -> dict[str, Any]:
-        """What Composer stores: examples of the current epoch already trained (all ranks)."""
-        return {"examples_in_epoch": int(num_samples), "fingerprint": self.fingerprint()}
+        """What Composer stores: examples of the current epoch already trained (all ranks; Composer's
+        `num_samples` counts replicated ranks' examples once per rank)."""
+        return {"examples_in_epoch": int(num_samples) // self.replication, "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the step after `state['examples_in_epoch']` examples of the next epoch iterated."""

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from foundry_padfree.data.batch import Document, collate_rows
-from foundry_padfree.data.dataspec import FOUNDRY_BUILDER_WORKERS, padfree_data_spec, worker_options
+from foundry_padfree.data.dataspec import FOUNDRY_BUILDER_WORKERS, padfree_data_spec, whole_number, worker_options
 
 # The `dataset:` keys LLM-Foundry's text loader understands; anything else is a typo we report.
 _TEXT_DATASET_KEYS = (
@@ -114,9 +114,7 @@ class PadFreeTextCollator:
         column: `input_ids` and `attention_mask`, padded to `max_seq_len`)."""
         rows = []
         for k, sample in enumerate(samples):
-            ids = _real_tokens(sample)
-            if len(ids) == 0:
-                raise ValueError(f"sample {k} of the batch has no tokens; remove empty samples from the dataset.")
+            ids = _real_tokens(sample)  # an empty sample is a row of padding, as in LLM-Foundry's loader
             if len(ids) > self.max_seq_len:
                 raise ValueError(f"sample {k} has {len(ids)} tokens, more than max_seq_len ({self.max_seq_len}).")
             rows.append(split_documents(ids, self.eos_token_id, self.bos_token_id))
@@ -181,8 +179,8 @@ def build_padfree_text_dataloader(
         raise ValueError(
             f"dataset has unknown key(s) {bad} for padfree_text; allowed: {', '.join(sorted(_TEXT_DATASET_KEYS))}."
         )
-    max_seq_len = dataset_cfg.get("max_seq_len")
-    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+    max_seq_len = dataset_cfg["max_seq_len"] = whole_number(dataset_cfg.get("max_seq_len"), "dataset.max_seq_len")
+    if max_seq_len < 2:
         raise ValueError(
             f"dataset.max_seq_len = {max_seq_len!r}; rows need at least 2 tokens for a token to have a target."
         )
