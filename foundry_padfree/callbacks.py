@@ -33,7 +33,8 @@ YAML (`callbacks:` section; `interval` counts optimizer steps, the first batch i
 - `padfree_parity` runs a live batch through the model and through stock HF `LlamaForCausalLM`
   with the same weights on the conventional padded layout (one document per row, right
   padding), and compares loss and logits. Default tolerances follow the training precision:
-  fp32 `loss_atol=1e-4, logits_rtol=1e-4`; bf16/fp16 `loss_atol=5e-2, logits_rtol=5e-2`
+  fp32 `loss_atol=1e-4, logits_rtol=1e-4` (1e-2 on a GPU whose fp32 products run in TF32, as
+  Composer sets them by default); bf16/fp16 `loss_atol=5e-2, logits_rtol=5e-2`
   (`logits_rtol` is max |delta| over the largest |logit| of the reference).
 - `padfree_stats` logs real-token fraction, padding positions skipped, the padding a
   one-document-per-row padded batch would have had, documents per row, max_seqlen, and, timing the
@@ -624,9 +625,9 @@ class PadFreeParity(Callback):
         interval: compare every `interval`-th batch, from the first.
         strict: raise `PadFreeCheckError` when a difference exceeds its tolerance.
         max_rows: rows of the live batch compared (the row with the most documents first).
-        loss_atol: largest |loss difference| allowed; None: 1e-4 in fp32, 5e-2 otherwise.
-        logits_rtol: largest max|delta logits| / max|reference logits|; None: 1e-4 in fp32, 5e-2
-            otherwise.
+        loss_atol: largest |loss difference| allowed; None: `default_parity_tolerance` (1e-4 in
+            fp32, 1e-2 in fp32 with TF32 products on a GPU, 5e-2 otherwise).
+        logits_rtol: largest max|delta logits| / max|reference logits|; None: the same default.
 
     Raises:
         TypeError: at init, if the run's model is not `padfree_causal_lm`.
@@ -662,9 +663,9 @@ class PadFreeParity(Callback):
             loss_ours, loss_ref, logits_diff, logits_rel = self._compare(state, probe, rows, row_docs)
         loss_diff = abs(loss_ours - loss_ref)
 
-        exact = state.precision == Precision.FP32
-        loss_atol = self.loss_atol if self.loss_atol is not None else (1e-4 if exact else 5e-2)
-        logits_rtol = self.logits_rtol if self.logits_rtol is not None else (1e-4 if exact else 5e-2)
+        default = default_parity_tolerance(state.precision, state.device.name == "gpu")
+        loss_atol = self.loss_atol if self.loss_atol is not None else default
+        logits_rtol = self.logits_rtol if self.logits_rtol is not None else default
         problems = []
         if not loss_diff <= loss_atol:
             problems.append(
@@ -733,6 +734,15 @@ class PadFreeParity(Callback):
                 for name, p in ref_params.items():
                     p.copy_(params[name])
         return self._reference
+
+
+def default_parity_tolerance(precision: Precision, on_gpu: bool) -> float:
+    """`padfree_parity`'s default `loss_atol` and `logits_rtol`: 1e-4 in fp32, 1e-2 in fp32 whose
+    CUDA matrix products run in TF32 (Composer's GPU default, `allow_tf32`), 5e-2 in 16-bit
+    precisions."""
+    if precision != Precision.FP32:
+        return 5e-2
+    return 1e-2 if on_gpu and torch.get_float32_matmul_precision() != "highest" else 1e-4
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from composer.core import Precision
 from llmfoundry.registry import callbacks
 
 import foundry_padfree.callbacks as cb
@@ -204,6 +205,15 @@ def test_probes_catch_cross_document_attention(model_dir, monkeypatch, callback,
     monkeypatch.setitem(BACKENDS, "sdpa", Backend("sdpa", leaky_attend))
     with pytest.raises(PadFreeCheckError, match=message):
         fit(composer_model(model_dir), [callback], batches=1)
+
+
+def test_parity_tolerance_follows_the_precision_of_the_products(monkeypatch):
+    assert cb.default_parity_tolerance(Precision.AMP_BF16, on_gpu=True) == 5e-2
+    assert cb.default_parity_tolerance(Precision.FP32, on_gpu=False) == 1e-4
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # TF32: Composer's GPU default
+    assert cb.default_parity_tolerance(Precision.FP32, on_gpu=True) == 1e-2
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert cb.default_parity_tolerance(Precision.FP32, on_gpu=True) == 1e-4
 
 
 def test_read_batch_finds_documents_and_inconsistencies():
