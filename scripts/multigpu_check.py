@@ -63,6 +63,8 @@ LLAMA_3_2_1B = {
 }
 WARMUP_STEPS = 3  # steps left out of throughput means (first-step allocation, kernel selection)
 
+# The verification callbacks' results, recorded per step and required for a shipped run to pass.
+CHECK_KEYS = ("padfree/audit/passed", "padfree/isolation/passed", "padfree/parity/passed")
 STEP_RECORD_SOURCE = '''\
 """`step_record`: a logger destination that writes per-step records of this rank to JSON."""
 
@@ -76,7 +78,7 @@ from composer.loggers import LoggerDestination
 from composer.utils import dist
 from llmfoundry.registry import loggers
 
-KEYS = ("loss/train/total", "padfree/stats/real_tokens_per_sec", "padfree/stats/mfu")
+KEYS = ("loss/train/total", "padfree/stats/real_tokens_per_sec", "padfree/stats/mfu", *__CHECK_KEYS__)
 
 
 class StepRecord(LoggerDestination):
@@ -158,7 +160,7 @@ def _register_missing_components():
 
 
 _register_missing_components()
-'''
+'''.replace("__CHECK_KEYS__", repr(CHECK_KEYS))
 
 
 def write_step_record(path: Path) -> Path:
@@ -603,8 +605,11 @@ def shipped_runs(
                 not set(a["row_sha1"]) & set(b["row_sha1"]) for a, b in zip(records[0], records[1])
             ),
             "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("ep*")),
-            "ok": len(losses) == expected and all(v == v and abs(v) < 1e4 for v in losses),
+            # The YAMLs' verification callbacks (non-strict there), each over both ranks, where due.
+            "checks": {k.split("/")[1]: [s[k] for s in records[0] if k in s] for k in CHECK_KEYS},
         }
+        checks_ok = all(v == 1.0 for values in results[name]["checks"].values() for v in values)
+        results[name]["ok"] = checks_ok and len(losses) == expected and all(v == v and abs(v) < 1e4 for v in losses)
         print(f"[{name}] done in {wall:.0f}s; losses {[round(v, 4) for v in losses]}", flush=True)
     full, resumed = results.get("sft_1b_fsdp_ac", {}), results.get("sft_1b_fsdp_ac_resumed", {})
     if full.get("ok") and resumed.get("ok"):
@@ -618,11 +623,11 @@ def shipped_runs(
 
 def shipped_markdown(results: dict[str, Any]) -> str:
     lines = ["# The shipped YAMLs on 2 GPUs (`composer -n 2 scripts/train.py ...`)", "",
-             "| run | YAML | ok | steps | losses | real tok/s per GPU | checkpoints | notes |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| run | YAML | ok | steps | losses | real tok/s per GPU | checks passed | checkpoints | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in results.items():
         if not r["ok"] and "error" in r:
-            lines.append(f"| {name} | {r['yaml']} | NO | | | | | {r['error'].splitlines()[-1][:200]} |")
+            lines.append(f"| {name} | {r['yaml']} | NO | | | | | | {r['error'].splitlines()[-1][:200]} |")
             continue
         notes = []
         if "loss_max_rel_diff_vs_uninterrupted" in r:
@@ -636,8 +641,10 @@ def shipped_markdown(results: dict[str, Any]) -> str:
             notes.append("ranks shared rows!")
         rates = " / ".join(_fmt(v) for v in r["tokens_per_sec_per_gpu"].values())
         losses = ", ".join(f"{v:.4f}" for v in r["losses"])
+        checks = ", ".join(f"{k} {sum(v == 1.0 for v in vals)}/{len(vals)}" for k, vals in r["checks"].items() if vals)
         lines.append(f"| {name} | {r['yaml']} | {'yes' if r['ok'] else 'NO'} | {r['steps'][0]}-{r['steps'][-1]} | "
-                     f"{losses} | {rates} | {', '.join(r['checkpoints'])} | {'; '.join(notes)} |")  # fmt: skip
+                     f"{losses} | {rates} | {checks or 'none due'} | {', '.join(r['checkpoints'])} | "
+                     f"{'; '.join(notes)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
