@@ -7,10 +7,11 @@ Four Composer callbacks, registered in LLM-Foundry's `callbacks` registry (entry
 latest values in `.summary`, and with `strict: true` raises `PadFreeCheckError` instead of only
 logging. On several ranks each rank checks its own batch; `passed` and the largest differences
 are taken over all ranks (Composer's loggers write rank 0's metrics), and with `strict: true`
-every rank raises when a check failed on any of them. None of them writes to the batch or the
-training state: probe forwards run on copies, under `torch.no_grad()`, in eval mode (restored
-after), without randomness. On batches where their interval is not due they do nothing but
-compare two integers.
+every rank raises when a check failed on any of them. A microbatch of padding only (rows of
+empty text samples) is not audited, and when any rank's batch is padding only the probes skip
+that batch on every rank. None of them writes to the batch or the training state: probe
+forwards run on copies, under `torch.no_grad()`, in eval mode (restored after), without
+randomness. On batches where their interval is not due they do nothing but compare two integers.
 
 YAML (`callbacks:` section; `interval` counts optimizer steps, the first batch is always due):
 
@@ -62,7 +63,7 @@ from torch import Tensor, nn
 
 import foundry_padfree.modeling as modeling
 from foundry_padfree.attention import BACKENDS
-from foundry_padfree.composer_model import ComposerPadFreeCausalLM
+from foundry_padfree.composer_model import ComposerPadFreeCausalLM, padding_only
 from foundry_padfree.varlen import IGNORE_INDEX, Unpadded
 
 log = logging.getLogger(__name__)
@@ -189,8 +190,6 @@ def read_batch(batch: Mapping[str, Any]) -> BatchDocs:
                         f"row {r} (labels at document starts must be -100)"
                     )
                     break
-    if not docs and not problems:
-        problems.append("the batch has no real tokens")
     # SpeedMonitor's tokens/s counts these; padding in them would inflate it.
     if isinstance(batch.get("total_tokens"), list):
         real_per_row = real.sum(axis=1)
@@ -235,6 +234,17 @@ def _due(state: State, interval: int, batch_finished: bool = False) -> bool:
     already counted the current batch in `timestamp.batch`."""
     index = int(state.timestamp.batch) - int(batch_finished)
     return index % interval == 0
+
+
+def _every_rank_has_documents(state: State, docs: BatchDocs) -> bool:
+    """Whether every rank's batch has a document to probe. A batch of padding only (rows of empty
+    text samples) has none; as the probes run forwards on every rank or on none (FSDP gathers
+    weights on all ranks), they are then skipped on all, with a warning."""
+    per_rank, _ = _across_ranks(state, int(not docs.docs))
+    missing = [r for r, n in enumerate(per_rank) if n]
+    if missing:
+        log.warning("the batch of rank(s) %s is padding only: the probes skip this batch on every rank.", missing)
+    return not missing
 
 
 def _probe_batch(state: State, rows: list[int], with_labels: bool = False) -> dict[str, Tensor]:
@@ -309,7 +319,8 @@ def _across_ranks(state: State, failures: int, maxima: tuple[float, ...] = ()) -
         return [failures], maxima
     values = torch.zeros(world + len(maxima), dtype=torch.float32)
     values[rank] = failures  # the other ranks' slots are 0 here: MAX gathers every rank's count
-    values[world:] = torch.tensor(maxima, dtype=torch.float32)
+    # NaN as +inf: a MAX reduction may drop NaN, and a NaN difference is the largest there is.
+    values[world:] = torch.tensor(maxima, dtype=torch.float32).nan_to_num(nan=float("inf"))
     values = state.device.tensor_to_device(values)
     dist.all_reduce(values, reduce_operation="MAX")
     values = values.cpu()
@@ -364,7 +375,7 @@ class PadFreeAudit(Callback):
         logger.log_hyperparameters({"padfree/attn_backend": backend.name})
 
     def before_forward(self, state: State, logger: Logger) -> None:
-        if not _due(state, self.interval):
+        if not _due(state, self.interval) or padding_only(state.batch):  # nothing to audit in padding
             return
         with _ProbeClock.measure(state):
             self._batch_docs = read_batch(state.batch)
@@ -398,9 +409,9 @@ class PadFreeAudit(Callback):
         logger.log_metrics(metrics)
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        if self._batch_problems is None:
+        if not _due(state, self.interval, batch_finished=True):  # the same batches on every rank
             return
-        problems, self._batch_problems = self._batch_problems, None
+        problems, self._batch_problems = self._batch_problems or [], None
         with _ProbeClock.measure(state):
             per_rank, _ = _across_ranks(state, len(problems))
         failed_ranks = [r for r, n in enumerate(per_rank) if n]
@@ -559,6 +570,8 @@ class PadFreeIsolation(Callback):
         if not _due(state, self.interval, batch_finished=True):
             return
         docs = read_batch(state.batch)
+        if not _every_rank_has_documents(state, docs):
+            return
         rows, row_docs = _pick_rows(docs, self.max_rows)
         probe = _probe_batch(state, rows)
         target = next(d for d in row_docs if d.row == rows[0])  # the first document of the busiest row
@@ -582,7 +595,7 @@ class PadFreeIsolation(Callback):
         same_row = sum(d.row == target.row for d in others)
 
         problems = []
-        if other_diff > self.atol:
+        if not other_diff <= self.atol:  # NaN too
             problems.append(f"perturbing document (row {target.row}, columns {target.start}..{target.end - 1}) "
                             f"moved other documents' logits by up to {other_diff:.3g} > atol {self.atol}")  # fmt: skip
         if target_diff == 0.0:
@@ -655,6 +668,8 @@ class PadFreeParity(Callback):
         if not _due(state, self.interval, batch_finished=True):
             return
         docs = read_batch(state.batch)
+        if not _every_rank_has_documents(state, docs):
+            return
         rows, row_docs = _pick_rows(docs, self.max_rows)
         probe = _probe_batch(state, rows, with_labels=True)
         if "labels" not in probe:

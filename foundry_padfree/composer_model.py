@@ -51,7 +51,7 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig, PreTrainedTo
 
 from foundry_padfree.attention import resolve_backend
 from foundry_padfree.config import ATTN_BACKENDS, PadFreeLlamaConfig
-from foundry_padfree.modeling import PadFreeLlamaForCausalLM, training_flops
+from foundry_padfree.modeling import PadFreeCausalLMOutput, PadFreeLlamaForCausalLM, training_flops
 from foundry_padfree.varlen import IGNORE_INDEX, unpad
 
 # Batch keys the model reads; everything else (total_tokens, loss_generating_tokens, ...) stays out.
@@ -167,7 +167,25 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
         return_logits = None  # the model's default: logits unless training with labels
         if self.training:
             return_logits = bool(self.train_metrics) or not self.loss_on_real_tokens_only
+        if padding_only(batch):
+            want_logits = return_logits if return_logits is not None else not (self.training and "labels" in batch)
+            return self._forward_padding_only(batch, want_logits)
         return self.model(**inputs, return_logits=return_logits)
+
+    def _forward_padding_only(self, batch: Mapping[str, Any], want_logits: bool) -> PadFreeCausalLMOutput:
+        """A (micro)batch whose rows are all padding: rows of empty text samples, which LLM-Foundry's
+        text loader makes too. There is nothing to learn from it, but every rank must run every
+        layer (FSDP gathers each layer's weights on all ranks), so the model runs on one token
+        without a target: a loss of 0 that reaches every parameter with a zero gradient, and
+        logits of 0, as the model gives at padding."""
+        ids = batch["input_ids"][:1, :1]
+        out = self.model(input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX), return_logits=False)
+        logits = None
+        if want_logits:
+            B, S = batch["input_ids"].shape
+            head = self.model.get_output_embeddings().weight
+            logits = torch.zeros(B, S, head.shape[0], dtype=head.dtype, device=batch["input_ids"].device)
+        return PadFreeCausalLMOutput(loss=out.loss, logits=logits, num_loss_tokens=out.num_loss_tokens)
 
     def loss(self, outputs: Any, batch: Mapping[str, Any]) -> Tensor:
         if outputs.loss is None:
@@ -198,7 +216,14 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
         nothing because the model never computes it. The head is counted on every real token, as
         `6 N T` does, also where the model skips it (tokens without a target): `training_flops`.
         """
-        return training_flops(self.config, self.num_flop_params, document_lengths(batch))
+        return training_flops(self.config, self.num_flop_params, () if padding_only(batch) else document_lengths(batch))
+
+
+def padding_only(batch: Mapping[str, Any]) -> bool:
+    """Whether a batch of our collators holds no real token, from its host-side `total_tokens`
+    list (no device sync); False for a batch without that list."""
+    totals = batch.get("total_tokens")
+    return isinstance(totals, list | tuple) and len(totals) > 0 and sum(totals) == 0
 
 
 def document_lengths(batch: Mapping[str, Any]) -> tuple[int, ...]:

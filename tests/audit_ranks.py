@@ -17,7 +17,7 @@ from composer.utils import dist
 
 import foundry_padfree.callbacks as cb
 from foundry_padfree.attention import BACKENDS, Backend
-from foundry_padfree.callbacks import PadFreeAudit, PadFreeCheckError, PadFreeIsolation
+from foundry_padfree.callbacks import PadFreeAudit, PadFreeCheckError, PadFreeIsolation, PadFreeParity
 from tests.composer_helpers import SEQ_LEN, composer_model, fit, leaky_attend, logged
 
 
@@ -45,6 +45,14 @@ def main(workdir: Path) -> None:
         out["isolation_strict_error"] = str(e)
     if rank == 1:
         BACKENDS["sdpa"] = sdpa
+    # Rank 1's batch is padding only (the odd rows: empty text samples): it trains with a loss of
+    # 0, is not audited, and the probes skip the batch on both ranks instead of waiting for rank 1.
+    rows = [[5, 3], [], [4], [], [6, 2], [], [7], []]
+    callbacks = [PadFreeAudit(interval=1, strict=True), PadFreeIsolation(interval=1, strict=True),
+                 PadFreeParity(interval=1, strict=True)]  # fmt: skip
+    trainer = fit(composer_model(workdir / "model"), callbacks, batches=1, rows=rows)
+    out["padding_rank"] = {k: logged(trainer, k) for k in ("padfree/audit/passed", "padfree/audit/forwards_audited",
+                                                           "padfree/isolation/passed", "loss/train/total")}  # fmt: skip
     (workdir / f"rank{rank}.json").write_text(json.dumps(out))
 
 

@@ -3,6 +3,7 @@ training, fail on broken training, cost nothing off-interval and never change wh
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -25,11 +26,14 @@ from foundry_padfree.varlen import unpad
 from tests.composer_helpers import (
     ROWS,
     SEQ_LEN,
+    VOCAB,
+    collate,
     composer_model,
     fit,
     leaky_attend,
     logged,
     packed_batch,
+    packed_row,
     write_model_dir,
 )
 
@@ -227,6 +231,13 @@ def test_parity_tolerance_follows_the_precision_of_the_products(monkeypatch):
     assert cb.default_parity_tolerance(Precision.FP32, on_gpu=True) == 1e-4
 
 
+def test_isolation_fails_on_nan_logits(model_dir, monkeypatch):
+    sdpa = BACKENDS["sdpa"]
+    monkeypatch.setitem(BACKENDS, "sdpa", sdpa._replace(attend=lambda *a: sdpa.attend(*a) * float("nan")))
+    with pytest.raises(PadFreeCheckError, match=r"moved other documents' logits by up to nan"):
+        fit(composer_model(model_dir), [PadFreeIsolation(interval=1, strict=True)], batches=1)
+
+
 def test_read_batch_finds_documents_and_inconsistencies():
     batch = packed_batch(rows=[[3, 2], [4]])
     docs = read_batch(batch)
@@ -239,7 +250,7 @@ def test_read_batch_finds_documents_and_inconsistencies():
     assert any(p.startswith("labels[0, 5] = 0 is on padding") for p in problems)
 
 
-def test_read_batch_takes_a_row_of_padding_only_but_not_a_batch_of_it():
+def test_read_batch_takes_rows_of_padding_only():
     # The model unpads such a row to nothing, as it does every padding token.
     batch = {k: torch.cat([v, v[:1]]) for k, v in packed_batch(rows=[[3, 2], [4]]).items() if torch.is_tensor(v)}
     for key, pad in (("sequence_id", -1), ("attention_mask", 0), ("labels", -100)):
@@ -247,8 +258,29 @@ def test_read_batch_takes_a_row_of_padding_only_but_not_a_batch_of_it():
             batch[key][2] = pad
     docs = read_batch(batch)
     assert docs.doc_lens == (3, 2, 4) and docs.problems == [] and docs.targets_per_row == [3, 3, 0]
-    empty = {k: v[2:] for k, v in batch.items()}
-    assert read_batch(empty).problems == ["the batch has no real tokens"]
+    empty = read_batch({k: v[2:] for k, v in batch.items()})
+    assert empty.docs == [] and empty.problems == [] and empty.targets_per_row == [0]
+
+
+def test_microbatches_of_padding_only_train_and_pass_the_checks(model_dir):
+    # Empty text samples are rows of padding (as in LLM-Foundry's text loader). A microbatch made of
+    # them has nothing to learn from but must still run (FSDP: every rank runs every layer).
+    rows = [[5, 3], [4], [], [], [6, 2], [], [7], []]
+    trainer = fit(composer_model(model_dir), all_callbacks(strict=True), batches=2, microbatch=2, rows=rows)
+    losses = logged(trainer, "loss/train/total")
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
+    assert logged(trainer, "padfree/audit/passed") == [1.0, 1.0]
+    assert logged(trainer, "padfree/audit/forwards_audited") == [1.0, 2.0, 3.0]  # not the padding-only one
+
+    model = composer_model(model_dir)
+    batch = collate([packed_row([], seed=0), packed_row([], seed=1)])
+    out = model(batch)  # training: no logits
+    model.loss(out, batch).backward()
+    assert float(out.loss) == 0.0 and out.logits is None
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    logits = model.eval()(batch).logits  # eval: the logits of padding, 0
+    assert logits.shape == (2, SEQ_LEN, VOCAB) and not logits.any()
+    assert model.flops_per_batch(batch) == 0
 
 
 def test_non_padfree_model_is_refused_at_init(tmp_path):

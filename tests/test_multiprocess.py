@@ -194,7 +194,8 @@ def test_eval_on_two_ranks_scores_every_example_once(tmp_path):
 
 def test_callbacks_fail_on_every_rank_when_one_rank_fails(tmp_path):
     """Each rank checks its own batch; Composer's loggers write rank 0's metrics. A failure on
-    rank 1 must show in what rank 0 logs, and with `strict` stop both ranks (none left waiting)."""
+    rank 1 must show in what rank 0 logs, and with `strict` stop both ranks (none left waiting);
+    a batch of padding only on rank 1 must not leave rank 0 waiting either."""
     import json
 
     from tests.composer_helpers import write_model_dir
@@ -208,3 +209,8 @@ def test_callbacks_fail_on_every_rank_when_one_rank_fails(tmp_path):
     assert "total_tokens[0] = 16 but row 0 has" in ranks[1]["audit_strict_error"]
     assert "rank(s) [1]" in ranks[0]["isolation_strict_error"]
     assert "moved other documents' logits" in ranks[1]["isolation_strict_error"]
+    for rank, r in enumerate(ranks):  # rank 1's batch is padding only
+        assert r["padding_rank"]["padfree/audit/passed"] == [1.0]
+        assert r["padding_rank"]["padfree/audit/forwards_audited"] == ([1.0, 2.0] if rank == 0 else [])
+        assert r["padding_rank"]["padfree/isolation/passed"] == []
+        assert len(r["padding_rank"]["loss/train/total"]) == 1

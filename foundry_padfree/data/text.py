@@ -20,6 +20,10 @@ Unlike LLM-Foundry:
   `pad_token_id == eos_token_id` real EOS tokens keep their labels and padding is not a document;
 - `sequence_id` is -1 on padding and numbered 0..k-1 in BOS mode too; `position_ids` restart at 0.
 
+An empty sample (a blank document, with a tokenizer that adds no BOS) is a row of padding, as in
+LLM-Foundry; a microbatch made only of such rows trains with a loss of 0 (`padfree_causal_lm`
+runs every layer on one target-less token, so FSDP ranks stay in step).
+
 **Partial documents at row edges.** Concatenated rows cut documents at arbitrary points. Each
 piece is kept where it is and is its own segment with positions from 0: the tail of a document
 that began in the previous row is the row's first segment (EOS mode: the tokens up to the first
