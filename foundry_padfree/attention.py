@@ -162,14 +162,24 @@ def _triton_prepare(meta: VarlenMeta, group: int = 1, head_dim: int = 64) -> Var
 
 
 def _triton_attend(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, meta: VarlenMeta, scale: float) -> Tensor:
-    assert isinstance(meta.attn_extra, triton_attention.Schedules), "triton backend used without prepare(meta)"
+    _check_triton_meta(q_TNH, meta)
     return triton_attention.varlen_attention(q_TNH, k_TKH, v_TKH, meta.attn_extra, scale)
+
+
+def _check_triton_meta(q_TNH: Tensor, meta: VarlenMeta) -> None:
+    """The tiles were built for this batch's documents (`prepare`); the kernels write where they say."""
+    assert isinstance(meta.attn_extra, triton_attention.Schedules), "triton backend used without prepare(meta)"
+    if q_TNH.shape[0] != meta.indices_T.shape[0]:
+        raise ValueError(
+            f"q has {q_TNH.shape[0]} tokens but the varlen metadata describes {meta.indices_T.shape[0]}; "
+            "pass the metadata `unpad` built for these tokens (and `backend.prepare` of it)."
+        )
 
 
 def _triton_attend_rope(
     q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, cos_TH: Tensor, sin_TH: Tensor, meta: VarlenMeta, scale: float
 ) -> Tensor:  # fmt: skip
-    assert isinstance(meta.attn_extra, triton_attention.Schedules), "triton backend used without prepare(meta)"
+    _check_triton_meta(q_TNH, meta)
     return triton_attention.varlen_attention(q_TNH, k_TKH, v_TKH, meta.attn_extra, scale, rope=(cos_TH, sin_TH))
 
 

@@ -132,8 +132,8 @@ class _RMSNormTriton(torch.autograd.Function):
         grad_x_TD = torch.empty_like(x_TD)
         programs = max(1, min(T, 4 * _num_sms(x_TD.device)))
         rows_per_program = triton.cdiv(T, programs) if T else 1
-        # Every program writes its row of partial sums: no zero-fill.
-        dw_partial_PD = torch.empty(programs, D, dtype=torch.float32, device=x_TD.device)
+        # Every program writes its row of partial sums: no zero-fill (none runs without tokens).
+        dw_partial_PD = (torch.empty if T else torch.zeros)(programs, D, dtype=torch.float32, device=x_TD.device)
         block = triton.next_power_of_2(D)
         if T:
             _rms_norm_bwd_kernel[(programs,)](
@@ -192,7 +192,8 @@ _ELEMENTWISE_BLOCK = 2048
 
 
 def silu_mul(gate_TF: Tensor, up_TF: Tensor) -> Tensor:
-    """`silu(gate) * up` for two contiguous tensors of one shape and dtype (no autograd)."""
+    """`silu(gate) * up` for two tensors of one shape and dtype (no autograd)."""
+    gate_TF, up_TF = gate_TF.contiguous(), up_TF.contiguous()  # the kernel reads flat memory
     h_TF = torch.empty_like(gate_TF)
     n = gate_TF.numel()
     if n:
@@ -206,7 +207,7 @@ def silu_mul_backward(
 ) -> tuple[Tensor, ...]:
     """Gradients of `silu(gate) * up` with respect to gate and up, in one pass; with `with_product`,
     also the product `silu(gate) * up` itself (as `silu_mul` computes it), from the same reads."""
-    grad_TF = grad_TF.contiguous()
+    grad_TF, gate_TF, up_TF = grad_TF.contiguous(), gate_TF.contiguous(), up_TF.contiguous()  # flat memory
     grad_gate_TF, grad_up_TF = torch.empty_like(gate_TF), torch.empty_like(up_TF)
     h_TF = torch.empty_like(gate_TF) if with_product else grad_gate_TF
     n = gate_TF.numel()

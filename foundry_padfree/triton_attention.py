@@ -583,7 +583,13 @@ def check_inputs(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor) -> None:
     ):  # fmt: skip
         raise ValueError(
             f"attn_backend='triton' needs q, k, v of one dtype among bf16/fp16/fp32, got "
-            f"{q_TNH.dtype}, {k_TKH.dtype}, {v_TKH.dtype}."
+            f"{q_TNH.dtype}, {k_TKH.dtype}, {v_TKH.dtype}; cast them to one (`.to()`, or run under autocast)."
+        )
+    T = q_TNH.shape[0]
+    if k_TKH.shape != v_TKH.shape or k_TKH.shape[0] != T or k_TKH.shape[-1] != H:
+        raise ValueError(
+            f"q {tuple(q_TNH.shape)}, k {tuple(k_TKH.shape)}, v {tuple(v_TKH.shape)}: k and v must be "
+            "(T, K, H) for the T tokens and head dim H of q (T, N, H)."
         )
 
 
@@ -621,17 +627,18 @@ def varlen_attention(
         tiles: `schedule(meta.doc_lens, device)` for the documents packed in T.
         scale: softmax scale (usually H ** -0.5).
         rope: optional (cos, sin) tables (T, H), halves equal (HF's layout): q and k are then taken
-            before RoPE and rotated here, and in eager runs the backward kernels write the gradients
-            of the unrotated q and k themselves, with no RoPE backward pass of its own (head dims
-            that are powers of two, tables in q's dtype; otherwise RoPE runs on its own first).
+            before RoPE and rotated here (the tables cast to q's dtype), and in eager runs the
+            backward kernels write the gradients of the unrotated q and k themselves, with no RoPE
+            backward pass of its own (head dims that are powers of two; otherwise RoPE runs on
+            its own first).
 
     Returns:
         (T, N, H) outputs in the inputs' dtype.
     """
     if rope is not None:
         _check_rope(q_TNH, rope)
-        fused = (_rope_fusable(q_TNH.shape[-1]) and kernels.usable(q_TNH)
-                 and rope[0].dtype == rope[1].dtype == q_TNH.dtype == k_TKH.dtype)  # fmt: skip
+        rope = tuple(t.to(q_TNH.dtype) for t in rope)  # RoPE in q's dtype, as HF's Llama applies it
+        fused = _rope_fusable(q_TNH.shape[-1]) and kernels.usable(q_TNH) and q_TNH.dtype == k_TKH.dtype
         if not fused:
             q_TNH, k_TKH, rope = _rotate(q_TNH, *rope), _rotate(k_TKH, *rope), None
     check_inputs(q_TNH, k_TKH, v_TKH)

@@ -322,6 +322,18 @@ def test_triton_attention_with_rope_matches_rope_then_per_document_sdpa(monkeypa
         torch.testing.assert_close(g.float(), g_ref, **tol, msg=f"d{name}")
 
 
+def test_triton_attention_casts_rope_tables_to_q_dtype():
+    # fp32 tables with fp16 q/k/v: RoPE is applied in q's dtype, as HF's Llama applies it.
+    from foundry_padfree import triton_attention as ta
+
+    meta, (q, k, v), _ = _attention_case([5, 9], 4, 2, 16, torch.float16)
+    cos, sin = _rope_tables([5, 9], 16, torch.float32)
+    tiles = ta.schedule(meta.doc_lens, q.device, ta.TileSizes(**SMALL_TILES))
+    o = ta.varlen_attention(q, k, v, tiles, 0.25, rope=(cos, sin))
+    assert o.dtype == torch.float16
+    assert torch.equal(o, ta.varlen_attention(q, k, v, tiles, 0.25, rope=(cos.half(), sin.half())))
+
+
 def test_triton_attention_refuses_rope_tables_of_another_shape():
     from foundry_padfree import triton_attention as ta
 
@@ -447,3 +459,21 @@ def test_audit_sees_the_fused_eager_paths(K, tmp_path, dtype):
     trainer = fit(model, [PadFreeAudit(interval=1, strict=True)], batches=1, microbatch=4)
     assert logged(trainer, "padfree/audit/passed") == [1.0]
     assert logged(trainer, "padfree/audit/varlen_layers") == [2.0]
+
+
+def test_fused_elementwise_kernels_take_views_and_no_tokens(K):
+    # gate and up as halves of one [T, 2F] product: strided views, not contiguous tensors.
+    gate_up = torch.randn(5, 2 * 24)
+    gate, up = gate_up[:, :24], gate_up[:, 24:]
+    grad = torch.randn(5, 24)
+    torch.testing.assert_close(K.silu_mul(gate, up), torch.nn.functional.silu(gate) * up, **FP32_TOL)
+    dgate, dup = K.silu_mul_backward(grad, gate, up)
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    torch.autograd.backward(torch.nn.functional.silu(g) * u, grad)
+    torch.testing.assert_close(dgate, g.grad, **FP32_TOL)
+    torch.testing.assert_close(dup, u.grad, **FP32_TOL)
+    # No tokens: RMSNorm's weight gradient is 0, not whatever memory held.
+    x = torch.zeros(0, 16, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+    (K.rms_norm(x, w, 1e-5) * 1.0).sum().backward()
+    assert torch.equal(w.grad, torch.zeros(16))

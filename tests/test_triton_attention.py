@@ -75,8 +75,23 @@ def test_bad_inputs_name_the_value_and_the_way_out():
     with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
         ta.check_inputs(q, k, k)
     q = torch.zeros(4, 2, 16)
-    with pytest.raises(ValueError, match="one dtype"):
+    with pytest.raises(ValueError, match=r"one dtype.*cast them to one"):
         ta.check_inputs(q, q.half(), q)
+    for k, v in ((q[:3], q[:3]), (q, q[:, :1]), (q[..., :8], q[..., :8])):  # tokens, heads, head dim
+        with pytest.raises(ValueError, match=r"k and v must be \(T, K, H\)"):
+            ta.check_inputs(q, k, v)
+
+
+def test_the_backend_refuses_metadata_of_other_tokens():
+    from foundry_padfree.attention import BACKENDS
+    from foundry_padfree.varlen import unpad
+
+    backend = BACKENDS["triton"]
+    documents = torch.tensor([[0] * 5 + [1] * 9])
+    meta = backend.prepare(unpad(torch.ones(1, 14, dtype=torch.long), sequence_id=documents).meta)
+    q = torch.zeros(20, 2, 16)
+    with pytest.raises(ValueError, match="q has 20 tokens but the varlen metadata describes 14"):
+        backend.attend(q, q, q, meta, 0.25)
 
 
 class _FakeKernel:
