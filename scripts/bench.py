@@ -165,12 +165,10 @@ def make_batch(step: list[tuple[int, int]], layout: str, vocab: int, seed: int, 
         ids = torch.full((rows * row_len,), PAD_ID, dtype=torch.long)
         labels = torch.full((rows * row_len,), IGNORE_INDEX, dtype=torch.long)
         ids[:T], labels[:T] = ids_T, labels_T
-        batch = dict(input_ids=ids.view(rows, row_len), labels=labels.view(rows, row_len))
-        if rows * row_len != T:  # only the last row is cut short
-            mask = torch.zeros(rows * row_len, dtype=torch.long)
-            mask[:T] = 1
-            batch["attention_mask"] = mask.view(rows, row_len)
-        return batch
+        # No attention_mask: padding sits only at the end of the last row, after every real token,
+        # so plain causal attention never lets a real token see it (and its labels are ignored);
+        # a mask would only cost HF its causal fast path.
+        return dict(input_ids=ids.view(rows, row_len), labels=labels.view(rows, row_len))
     if layout == "padded":
         S = max(n for n, _ in step)
         ids = torch.full((len(step), S), PAD_ID, dtype=torch.long)
@@ -388,7 +386,7 @@ def train(
     """Warm up on the first `warmup` batches, time the rest; `extra` batches then run untimed to count
     recompilations (and one to count device-to-host syncs). Returns the measurements.
 
-    The warm-up also runs the largest timed batch once when it is larger than every warm-up batch
+    A warm-up also runs the largest timed batch once when it is larger than every warm-up batch
     (padded rows change shape every step): a system's first meeting with a larger shape (allocator
     growth, kernel selection) is a one-off cost a long run does not pay per step."""
     fused = device.type == "cuda"
@@ -408,7 +406,7 @@ def train(
 
     warm = pinned[:warmup]
     largest = max(pinned[warmup:], key=_batch_size, default=None)
-    if largest is not None and all(_batch_size(largest) > _batch_size(b) for b in warm):
+    if warm and largest is not None and all(_batch_size(largest) > _batch_size(b) for b in warm):
         warm = [*warm, largest]
     for batch in warm:
         loss = one_step(batch)
@@ -585,7 +583,7 @@ def run_system(
     free_memory(device)
     flops, flops_6n = zip(*(step_flops(shape, s) for s in steps[args.warmup :]))
     T = sum(tokens[args.warmup :])
-    result.update(info, params=params, tokens_per_step=float(np.mean(tokens)))
+    result.update(info, params=params, tokens_per_step=float(np.mean(tokens[args.warmup :])))
     result["flops_per_token"] = sum(flops) / T
     result["flops_6n_per_token"] = sum(flops_6n) / T
     return result
@@ -837,7 +835,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             profile = system in args.profile and shape == args.profile_shape and label == f"alpaca@{args.budgets[0]}"
             result = run_system(system, shape, steps, args, device, extra, profile)
-        docs_per_step = float(np.mean([len(s) for s in steps]))
+        docs_per_step = float(np.mean([len(s) for s in steps[args.warmup :]]))  # the timed steps
         result.update(shape=shape, data=label, budget=budget, system=system, docs_per_step=docs_per_step)
         if result.get("status") == "ok":
             tps = result["real_tokens_per_s"]
