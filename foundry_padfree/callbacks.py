@@ -363,7 +363,7 @@ class PadFreeAudit(Callback):
         self._record: _ForwardRecord | None = None
         self._batch_docs: BatchDocs | None = None
         self._cleanup: contextlib.ExitStack | None = None
-        self._batch_problems: list[str] | None = None  # of the batch being audited
+        self._batch_problems: list[str] = []  # of the batch being audited
 
     def init(self, state: State, logger: Logger) -> None:
         _check_model(state, "padfree_audit")
@@ -393,8 +393,6 @@ class PadFreeAudit(Callback):
         with _ProbeClock.measure(state):
             forward_problems, varlen_layers = _check_forward(state, record, docs)
         problems = docs.problems + forward_problems
-        if self._batch_problems is None:
-            self._batch_problems = []
         self._batch_problems += problems
         self.summary["forwards_audited"] += 1
         metrics = {
@@ -411,7 +409,7 @@ class PadFreeAudit(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if not _due(state, self.interval, batch_finished=True):  # the same batches on every rank
             return
-        problems, self._batch_problems = self._batch_problems or [], None
+        problems, self._batch_problems = self._batch_problems, []
         with _ProbeClock.measure(state):
             per_rank, _ = _across_ranks(state, len(problems))
         failed_ranks = [r for r, n in enumerate(per_rank) if n]

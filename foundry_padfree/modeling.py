@@ -207,13 +207,13 @@ def _down_of_silu_mul(down_proj: nn.Module, gate_TF: Tensor, up_TF: Tensor) -> T
 
 def _silu_mul(gate_TF: Tensor, up_TF: Tensor, fused: bool) -> Tensor:
     if fused:
-        return kernels.silu_mul(gate_TF.contiguous(), up_TF.contiguous())
+        return kernels.silu_mul(gate_TF, up_TF)
     return torch.nn.functional.silu(gate_TF) * up_TF
 
 
 def _silu_mul_backward(grad_TF: Tensor, gate_TF: Tensor, up_TF: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
     if fused:
-        return kernels.silu_mul_backward(grad_TF, gate_TF.contiguous(), up_TF.contiguous())
+        return kernels.silu_mul_backward(grad_TF, gate_TF, up_TF)
     # The ATen formulas autograd applies to `silu(gate) * up`, so gradients are bit-identical.
     grad_gate = torch.ops.aten.silu_backward(grad_TF * up_TF, gate_TF)
     return grad_gate, grad_TF * torch.nn.functional.silu(gate_TF)
@@ -278,9 +278,7 @@ class _SiluMulDown(torch.autograd.Function):
         grad_TD = grad_TD.to(w_DF.dtype)
         if ctx.fused:
             # One kernel reads gate and up once for their gradients and the recomputed product.
-            grad_gate, grad_up, h_TF = kernels.silu_mul_backward(
-                grad_TD @ w_DF, gate_TF.contiguous(), up_TF.contiguous(), with_product=True
-            )
+            grad_gate, grad_up, h_TF = kernels.silu_mul_backward(grad_TD @ w_DF, gate_TF, up_TF, with_product=True)
         else:
             h_TF = _silu_mul(gate_TF, up_TF, False)
         grad_w = grad_b = None
