@@ -162,6 +162,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     else:  # under autocast: h's dtype
                         grad_h_CD.copy_(g_CV @ w_VD)
                     grad_w_VD = _accumulate_mm(grad_w_VD, g_CV.t(), h_CD, overwrite=start == 0)
+                # Freed before the next chunk's logits exist: one `[C,V]` block at a time.
+                del g_CV
         ctx.save_for_backward(grad_h_TD, grad_w_VD)
         return loss_sum
 

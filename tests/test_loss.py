@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from foundry_padfree.loss import linear_cross_entropy
 
@@ -70,4 +73,32 @@ def test_no_grad_path_skips_gradients():
     targets = torch.randint(0, 5, (6,))
     with torch.no_grad():
         loss, _ = linear_cross_entropy(h, w, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), targets))
+
+
+def test_one_chunk_of_logits_at_a_time():
+    # When a chunk's logits are made, no `[C,V]` tensor of an earlier chunk may still be alive:
+    # the peak is one chunk's block (plus its temporaries), whatever the number of chunks.
+    V = 11
+    live: list[weakref.ref] = []
+    alive_at_logits: list[int] = []
+
+    class TrackRowsOfV(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                new_block = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs  # not a view
+                if new_block and t.dim() == 2 and t.shape[-1] == V:
+                    if func is torch.ops.aten.mm.default:  # a chunk's logits
+                        alive_at_logits.append(sum(r() is not None for r in live))
+                    live.append(weakref.ref(t))
+            return out
+
+    h = torch.randn(13, 8, requires_grad=True)
+    w = torch.randn(V, 8, requires_grad=True)
+    targets = torch.randint(0, V, (13,))
+    with TrackRowsOfV():
+        loss, _ = linear_cross_entropy(h, w, targets, chunk=4)
+    assert alive_at_logits == [0, 0, 0, 0]
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), targets))
