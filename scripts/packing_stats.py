@@ -2,10 +2,10 @@
 
 For each packing mode it builds the loader through LLM-Foundry's `build_dataloader` (so the numbers
 are those of a real run), iterates one epoch and reports: examples, examples LLM-Foundry filtered
-before packing, examples the packer dropped (always 0) or repeated, examples truncated to
-`max_seq_len`, rows, steps, padding efficiency (real tokens / (rows * max_tokens_per_row)), the
-same over the batch tensors actually built (columns are trimmed to the longest row), documents per
-row and examples per step.
+before packing, examples the packer dropped (always 0), rows of padding that even out the ranks
+(always 0 on one rank), examples truncated to `max_seq_len`, rows, steps, padding efficiency (real
+tokens / (rows * max_tokens_per_row)), the same over the batch tensors actually built (columns are
+trimmed to the longest row), documents per row and examples per step.
 
     # prompt/response JSONL; the tokenizer is trained on the data itself (offline, no download)
     python scripts/packing_stats.py --data alpaca_eval_outputs.jsonl \
@@ -33,7 +33,7 @@ COLUMNS = (
     ("examples", "{}"),
     ("filtered", "{}"),
     ("dropped", "{}"),
-    ("repeated", "{}"),
+    ("empty_rows", "{}"),
     ("truncated", "{}"),
     ("rows", "{}"),
     ("steps", "{}"),
@@ -77,7 +77,7 @@ def packing_stats(loader_cfg: dict[str, Any], tokenizer: Any, device_batch_size:
         "examples": len(dataset),
         "filtered": _filtered_by_llmfoundry(loader_cfg["dataset"], len(dataset)),
         "dropped": len(dataset) - len(placed),
-        "repeated": plan.repeated,
+        "empty_rows": plan.empty_rows,
         "truncated": dataset.truncated_examples,
         "rows": rows,
         "steps": steps,

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from foundry_padfree.data.batch import Document, collate_rows
+from foundry_padfree.data.dataspec import count_documents
 from foundry_padfree.data.finetuning import PadFreeFinetuningCollator
 from foundry_padfree.data.text import PadFreeTextCollator
 
@@ -142,6 +143,19 @@ def test_finetuning_rows_and_eos():
     assert [[d[0].tolist() for d in row] for row in rows] == [[[10, 20, EOS], [11, 12, 21, EOS]], [[11, 12, 21, EOS]]]
     assert [[d[1].tolist() for d in row] for row in rows] == [[[X, 20, EOS], [X, X, 21, EOS]], [[X, X, 21, EOS]]]
     assert batch["input_ids"].shape == (2, 8)
+
+
+def test_finetuning_rows_of_padding():
+    # The sampler's `(row, None)` items: rows that even out the ranks, with no example and no sample.
+    collate = PadFreeFinetuningCollator(16, 32, PAD, EOS, "none", "last")
+    a = {"turns": [{"input_ids": [10], "labels": [20]}]}
+    batch = collate([(0, a), (1, None)])
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["total_tokens"] == [3, 0] and batch["loss_generating_tokens"] == [2, 0]
+    assert (batch["sequence_id"][1] == -1).all() and (batch["labels"][1] == X).all()
+    assert count_documents(batch) == 1
+    alone = collate([(0, None)])  # a rank with no example at an epoch's last step
+    assert alone["input_ids"].shape == (1, 8) and alone["total_tokens"] == [0] and count_documents(alone) == 0
 
 
 def test_finetuning_truncation_and_errors():

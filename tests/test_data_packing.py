@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from foundry_padfree.data.packing import EpochPlan, PackedBatchSampler, PackedDataset, pack_rows
+from foundry_padfree.data.packing import EMPTY_ROW, EpochPlan, PackedBatchSampler, PackedDataset, pack_rows
 
 
 @pytest.mark.parametrize(
@@ -82,17 +82,22 @@ def _check_plan(plan: EpochPlan, sampler: PackedBatchSampler, lengths: list[int]
     world, dbs = sampler.num_replicas, sampler.device_batch_size
     assert len(plan.batches) == len(sampler)
     counts = collections.Counter(i for step in plan.batches for rows in step for row in rows for i in row)
-    assert set(counts) == set(range(len(lengths)))  # nothing dropped
-    assert sum(counts.values()) == len(lengths) + plan.repeated
+    assert counts == collections.Counter(range(len(lengths)))  # every example once: none dropped or repeated
     for g, step in enumerate(plan.batches):
         assert len(step) == world
+        # As many rows on every rank (FSDP microbatch counts line up), at least one.
+        assert len({len(rows) for rows in step}) == 1 and step[0], f"step {g}: rows per rank {[len(r) for r in step]}"
         for rows in step:
-            assert rows and all(row for row in rows), f"step {g}: a rank has an empty batch"
             assert all(sum(lengths[i] for i in row) <= sampler.row_capacity for row in rows)
+            assert [bool(row) for row in rows] == sorted((bool(row) for row in rows), reverse=True)  # padding last
             if sampler.mode == "budget":
                 assert len(rows) <= dbs
+                assert all(rows) or g == len(plan.batches) - 1, f"step {g}: a row of padding before the last step"
             elif g < len(plan.batches) - 1:
                 assert sum(len(row) for row in rows) == dbs  # flatten: the unpacked loader's examples per step
+        if sampler.mode == "budget" and any(not any(rows) for rows in step):
+            # A rank without an example only when no row of several examples was left to split.
+            assert all(len(row) <= 1 for rows in step for row in rows), f"step {g}: {step}"
 
 
 @settings(max_examples=60, deadline=None)
@@ -108,13 +113,13 @@ def test_sampler_plan_property(lengths, mode, dbs, world, shuffle, epoch):
     samplers = _rank_samplers(lengths, mode, dbs, world, epoch, shuffle)
     plan = samplers[0].plan(epoch)
     _check_plan(plan, samplers[0], lengths)
-    assert plan.repeated < world  # only to give every rank a row at the last step
+    assert plan.empty_rows == 0 or world > 1
     # Every rank iterates the same number of steps (no DDP hang), and exactly its share of the plan.
     for r, sampler in enumerate(samplers):
         keys = list(sampler)
         assert len(keys) == len(sampler) == len(plan.batches)
         for step, batch_keys in zip(plan.batches, keys):
-            assert batch_keys == [(i, row) for row, docs in enumerate(step[r]) for i in docs]
+            assert batch_keys == [(i, row) for row, docs in enumerate(step[r]) for i in (docs or [EMPTY_ROW])]
     assert len(samplers[0]) == len(_sampler(lengths, mode, dbs, world=world, shuffle=shuffle))  # same every epoch
 
 
@@ -129,18 +134,15 @@ def test_sampler_plan_property(lengths, mode, dbs, world, shuffle, epoch):
 def test_composer_eval_counts_every_example_once(lengths, mode, dbs, world, epoch):
     """Composer's eval loop (composer/trainer/trainer.py, `Trainer._eval_loop`) takes
     `total_size - len(dataset)` as the number of padded samples: at the last batch, each rank with
-    `rank >= world - padding` leaves its last sample out of the metrics (the whole microbatch when
-    it holds one sample). Replayed here on the plan: every example must be scored exactly once."""
+    `rank >= world - padding` leaves its last sample out of the metrics. The plan repeats nothing
+    (it evens ranks out with rows of padding, which hold no sample), so every example must be
+    scored exactly once with nothing left out."""
     samplers = _rank_samplers(lengths, mode, dbs, world, epoch)
     padding = samplers[0].total_size - len(samplers[0].dataset)
-    assert padding == samplers[0].plan(epoch).repeated
+    assert padding == 0  # Composer leaves nothing out
     scored = collections.Counter()
-    for rank, sampler in enumerate(samplers):
-        batches = [[i for i, _ in keys] for keys in sampler]
-        if rank >= world - padding:
-            assert len(batches[-1]) == 1, "a repeat must be alone in its batch, or Composer would cut rows"
-            batches[-1] = []
-        scored.update(i for batch in batches for i in batch)
+    for sampler in samplers:
+        scored.update(i for keys in sampler for i, _ in keys if i != EMPTY_ROW)
     assert scored == collections.Counter(range(len(lengths)))
 
 

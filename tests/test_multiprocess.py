@@ -170,10 +170,11 @@ def test_checkpoint_resume_two_processes(finetuning_runs):
 
 
 def test_eval_on_two_ranks_scores_every_example_once(tmp_path):
-    """Composer's eval loop leaves `total_size - len(dataset)` repeated samples out of the metrics
-    on the last ranks; on two ranks it must score exactly the 1-process targets. Seven examples
-    in steps of 2 per rank need no repeat (a plain DistributedSampler would count one); five
-    leave one example for two ranks, so the plan repeats one."""
+    """On two ranks eval must score exactly the 1-process targets. Composer's eval loop leaves
+    `total_size - len(dataset)` samples out of the metrics on the last ranks, as
+    `DistributedSampler` repeats samples to even out the ranks; the plan repeats none. Seven
+    examples in steps of 2 per rank (a plain DistributedSampler would repeat one); five leave one
+    example for two ranks, so the second rank gets a row of padding at the last step."""
     import json
 
     from tests import eval_ranks

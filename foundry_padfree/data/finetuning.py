@@ -165,12 +165,14 @@ class PadFreeFinetuningCollator:
             example, self.max_seq_len, self.target_prompts, self.target_responses, self.eos_token_id, index
         )
 
-    def __call__(self, items: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[tuple[int, Mapping[str, Any] | None]]) -> dict[str, Any]:
+        """`items`: `(row, example)`; `(row, None)` for a row of padding (`packing.EMPTY_ROW`)."""
         rows: list[list[Document]] = [[] for _ in range(1 + max(row for row, _ in items))]
         for row, example in items:
-            rows[row].append(self.document(example).document)
+            if example is not None:
+                rows[row].append(self.document(example).document)
         longest = max(sum(len(doc.input_ids) for doc in docs) for docs in rows)
-        row_len = min(self.row_capacity, -(-longest // _ROW_MULTIPLE) * _ROW_MULTIPLE)
+        row_len = min(self.row_capacity, max(1, -(-longest // _ROW_MULTIPLE)) * _ROW_MULTIPLE)
         return collate_rows(rows, row_len, self.pad_token_id)
 
 

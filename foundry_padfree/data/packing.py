@@ -17,15 +17,18 @@ Two modes (`packing_mode`):
   `DataCollatorWithFlattening`): every step gets `device_batch_size` examples per device (the
   same examples in the same order as the unpacked loader when `shuffle` is off; shuffled, the
   order comes from this module's own seeded permutation, not torch's), packed into as few rows as
-  they need. The number of optimizer steps is unchanged; the number of rows per step
-  varies (which is fine for DDP; under FSDP keep `device_train_microbatch_size` at least the
-  number of rows, as microbatch counts then differ between ranks).
+  they need. The number of optimizer steps is unchanged; the number of rows per step varies.
 
-No example is ever dropped: `drop_last` does not apply, the last step of an epoch may be smaller.
-With several ranks, the last step of an epoch is spread so that every rank gets at least one row
-(rows of several examples are split if needed); only if that last step has fewer examples than
-there are ranks are examples from the start of the epoch repeated to fill the gap, as
-`DistributedSampler` pads (`EpochPlan.repeated` counts them; always 0 on one rank).
+No example is ever dropped or repeated: `drop_last` does not apply, the last step of an epoch may
+be smaller. With several ranks, **every rank gets the same number of rows at every step**: under
+FSDP each microbatch's forward and backward are collectives, so ranks with different microbatch
+counts would wait on each other forever. A rank with fewer rows than the others at a step (the
+last step of an epoch in `budget` mode, any step in `flatten` mode) gets rows of padding: no
+example, no token, no sample; the model runs a microbatch of them as one target-less token, so
+every rank's FSDP collectives line up (`EpochPlan.empty_rows` counts them; always 0 on one rank).
+Before padding, the last `budget` step splits rows of several examples so that every rank gets
+an example where there are enough. Composer's eval loop then has nothing to leave out: the
+sampler's `total_size` is the number of examples.
 
 Resumption: Composer saves `dataset.state_dict(num_samples)` with the number of samples (here,
 examples) of the epoch already trained, summed over ranks. The plan is a pure function of the
@@ -47,6 +50,7 @@ import numpy as np
 from torch.utils.data import Dataset, DistributedSampler
 
 PackingMode = Literal["budget", "flatten"]
+EMPTY_ROW = -1  # the example index of a sampler key that stands for a row of padding
 PACKING_MODES: tuple[str, ...] = ("budget", "flatten")
 
 
@@ -109,13 +113,16 @@ class EpochPlan:
     """Which examples every rank gets at every step of one epoch.
 
     Attributes:
-        batches: `batches[step][rank]` is that rank's rows, each a list of example indices.
-        repeated: examples repeated from the start of the epoch so every rank has a row at the
-            last step (0 unless that step has fewer examples than ranks).
+        batches: `batches[step][rank]` is that rank's rows, each a list of example indices; every
+            rank has the same number of rows at a step, an empty list being a row of padding.
     """
 
     batches: list[list[list[list[int]]]]
-    repeated: int
+
+    @property
+    def empty_rows(self) -> int:
+        """Rows of padding that give every rank as many rows as the others (0 on one rank)."""
+        return sum(not row for step in self.batches for rows in step for row in rows)
 
     def examples_per_step(self) -> list[int]:
         """Examples (documents) in each step, summed over ranks: Composer's samples per batch."""
@@ -215,42 +222,31 @@ class PackedBatchSampler(DistributedSampler):
         rows = self.budget_rows()
         if self.shuffle:
             rows = [rows[k] for k in np.random.default_rng([self.seed, epoch, 1]).permutation(len(rows))]
-        spare = itertools.cycle(i for row in rows for i in row)
         step_rows = self.num_replicas * self.device_batch_size
-        batches, repeated = [], 0
-        for start in range(0, len(rows), step_rows):
-            shares, n = _share_rows(rows[start : start + step_rows], self.num_replicas, spare)
-            batches.append(shares)
-            repeated += n
-        return EpochPlan(batches, repeated)
+        return EpochPlan([_share_rows(rows[start : start + step_rows], self.num_replicas)
+                          for start in range(0, len(rows), step_rows)])  # fmt: skip
 
     def _plan_flatten(self, epoch: int) -> EpochPlan:
         order = self._example_order(epoch).tolist()
-        spare = itertools.cycle(order)
         step_examples = self.num_replicas * self.device_batch_size
-        batches, repeated = [], 0
+        batches = []
         for start in range(0, len(order), step_examples):
-            chunk = order[start : start + step_examples]
-            while len(chunk) < self.num_replicas:  # only an epoch's last step, with fewer examples than ranks
-                chunk.append(next(spare))
-                repeated += 1
             shares = []
-            for share in _split_evenly(chunk, self.num_replicas):
-                rows = pack_rows(self.lengths[share].tolist(), self.row_capacity, len(share))
+            for share in _split_evenly(order[start : start + step_examples], self.num_replicas):
+                rows = pack_rows(self.lengths[share].tolist(), self.row_capacity, max(1, len(share)))
                 shares.append([[share[p] for p in row] for row in rows])
-            batches.append(shares)
-        return EpochPlan(batches, repeated)
+            batches.append(_even_out(shares))
+        return EpochPlan(batches)
 
     @property
     def total_size(self) -> int:
-        """Examples this epoch's plan hands out over all ranks: the dataset plus `EpochPlan.repeated`.
+        """Examples the plan hands out over all ranks in an epoch: the dataset, each example once.
 
-        Composer's eval loop reads `total_size - len(dataset)` as the number of repeated examples,
-        one on each of the last ranks at the last batch (where `DistributedSampler` puts its
-        padding, and where the plan puts its repeats), and leaves those out of the metrics. The
-        padding `DistributedSampler` itself would add has nothing to do with the plan.
+        Composer's eval loop reads `total_size - len(dataset)` as the number of padded samples to
+        leave out of the metrics (`DistributedSampler` repeats examples to even out the ranks); the
+        plan pads with rows without examples instead, so there are none.
         """
-        return len(self.lengths) + self.plan(self.epoch).repeated
+        return len(self.lengths)
 
     @total_size.setter
     def total_size(self, value: int) -> None:
@@ -265,10 +261,11 @@ class PackedBatchSampler(DistributedSampler):
         return -(-units // per_step)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        """Each step's `(example_index, row)` keys; a row of padding is one key `(EMPTY_ROW, row)`."""
         plan = self.plan(self.epoch)
         start = self._start_step(plan)
         for step in plan.batches[start:]:
-            yield [(i, r) for r, row in enumerate(step[self.rank]) for i in row]
+            yield [(i, r) for r, row in enumerate(step[self.rank]) for i in (row or [EMPTY_ROW])]
 
     # --- resumption -----------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -314,7 +311,8 @@ class PackedDataset(Dataset):
     """Map-style view of a dataset for `PackedBatchSampler` keys, carrying the resume state.
 
     `dataset[(example_index, row)]` is `(row, base[example_index])`: the collator learns each
-    example's row from the sampler's plan. Composer checkpoints `state_dict` of the DataLoader's
+    example's row from the sampler's plan. `dataset[(EMPTY_ROW, row)]` is `(row, None)`: a row of
+    padding. Composer checkpoints `state_dict` of the DataLoader's
     dataset, which this forwards to the sampler.
 
     Args:
@@ -333,7 +331,7 @@ class PackedDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
         example_index, row = key
-        return row, self.base[example_index]
+        return row, None if example_index == EMPTY_ROW else self.base[example_index]
 
     def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict[str, Any]:
         if not from_beginning:
@@ -359,20 +357,21 @@ def _split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
     return [items[bounds[p] : bounds[p + 1]] for p in range(parts)]
 
 
-def _share_rows(rows: list[list[int]], world: int, spare: Iterator[int]) -> tuple[list[list[list[int]]], int]:
-    """Give each of `world` ranks a contiguous, non-empty share of one step's rows.
+def _share_rows(rows: list[list[int]], world: int) -> list[list[list[int]]]:
+    """Give each of `world` ranks a contiguous share of one step's rows, as many rows each.
 
     A full step has `world * device_batch_size` rows and is cut evenly. The last step of an epoch
-    may have fewer rows than ranks: then rows with several examples are broken apart, and only if
-    that is not enough are examples repeated from `spare`. Returns the shares and the repeats.
+    may have fewer rows than ranks: then rows with several examples are broken apart while that
+    gives a rank without a row an example. The shares are then evened out with rows of padding.
     """
     rows = [list(row) for row in rows]
-    repeated = 0
-    while len(rows) < world:
+    while len(rows) < world and any(len(row) > 1 for row in rows):
         most = max(range(len(rows)), key=lambda k: len(rows[k]))
-        if len(rows[most]) > 1:
-            rows.append([rows[most].pop()])
-        else:
-            rows.append([next(spare)])
-            repeated += 1
-    return _split_evenly(rows, world), repeated
+        rows.append([rows[most].pop()])
+    return _even_out(_split_evenly(rows, world))
+
+
+def _even_out(shares: list[list[list[int]]]) -> list[list[list[int]]]:
+    """Each rank's rows, padded with empty rows to the most any rank has (at least one)."""
+    width = max(1, *(len(rows) for rows in shares))
+    return [rows + [[] for _ in range(width - len(rows))] for rows in shares]
