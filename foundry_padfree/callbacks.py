@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -485,14 +485,20 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
     The decoder-layer pre-hook hands the layer a `Backend` whose `attend` (and `attend_rope`, the
     entry the eager fused block calls) records its call and then runs the original kernel on the
     same arguments: outputs and gradients are unchanged. (Hooks on the layer also fire through
-    FSDP and activation-checkpointing wrappers.) The embedding is seen as a call of the
-    `embed_tokens` module or, for a tied 16-bit weight with fused kernels, of `_TiedEmbedding`.
+    FSDP and activation-checkpointing wrappers.) The embedding's input is the token ids the
+    decoder's `forward_tokens` gets, seen by wrapping that method for the forward: a hook on the
+    `embed_tokens` module would make the model leave its fused tied-embedding path (`_plain`),
+    so the audit would no longer see the path it audits.
     """
     layers = [m for m in model.modules() if isinstance(m, modeling.PadFreeDecoderLayer)]
-    embeddings = [m for m in model.modules() if isinstance(m, modeling.PadFreeLlamaModel)]
+    decoders = [m for m in model.modules() if isinstance(m, modeling.PadFreeLlamaModel)]
 
-    def on_embed(module: nn.Module, args: tuple) -> None:
-        record.embed_inputs.append(tuple(args[0].shape))
+    def recording(forward_tokens: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def forward_tokens_recorded(input_ids_T: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            record.embed_inputs.append(tuple(input_ids_T.shape))
+            return forward_tokens(input_ids_T, *args, **kwargs)
+
+        return forward_tokens_recorded
 
     def on_layer(layer: modeling.PadFreeDecoderLayer, args: tuple) -> tuple:
         x_TD, meta, rope, backend = args
@@ -516,22 +522,19 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
         record.unpads.append(out)
         return out
 
-    class RecordedTiedEmbedding:
-        @staticmethod
-        def apply(ids_T: Tensor, *args: Any) -> Tensor:
-            record.embed_inputs.append(tuple(ids_T.shape))
-            return original_tied.apply(ids_T, *args)
-
-    handles = [e.embed_tokens.register_forward_pre_hook(on_embed) for e in embeddings]
-    handles += [layer.register_forward_pre_hook(on_layer) for layer in layers]
-    # The model calls `unpad` and `_TiedEmbedding` through its module's globals; wrapping those
-    # names for this forward is how the audit sees the calls without a hook inside the model.
-    original_unpad, original_tied = modeling.unpad, modeling._TiedEmbedding
-    modeling.unpad, modeling._TiedEmbedding = counting_unpad, RecordedTiedEmbedding
+    handles = [layer.register_forward_pre_hook(on_layer) for layer in layers]
+    for decoder in decoders:
+        decoder.forward_tokens = recording(decoder.forward_tokens)
+    # The model calls `unpad` through its module's globals; wrapping that name for this forward is
+    # how the audit counts the calls without a hook inside the model.
+    original_unpad = modeling.unpad
+    modeling.unpad = counting_unpad
     try:
         yield
     finally:
-        modeling.unpad, modeling._TiedEmbedding = original_unpad, original_tied
+        modeling.unpad = original_unpad
+        for decoder in decoders:
+            del decoder.forward_tokens  # the class's method again
         for h in handles:
             h.remove()
 

@@ -213,8 +213,7 @@ def linear_cross_entropy(
     Returns:
         (loss, number of tokens with a target), both 0-dim tensors on the device (no sync).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"loss reduction={reduction!r} is not supported; use 'mean' or 'sum'.")
+    _check_reduction(reduction)
     num_targets = (targets_T != IGNORE_INDEX).sum()
     need_grad = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
     loss_sum = _ChunkedLinearCrossEntropy.apply(
@@ -223,3 +222,24 @@ def linear_cross_entropy(
     if reduction == "sum":
         return loss_sum, num_targets
     return loss_sum / num_targets.clamp(min=1), num_targets
+
+
+def module_cross_entropy(
+    head: torch.nn.Module, h_TD: Tensor, targets_T: Tensor, reduction: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """`linear_cross_entropy` for a head that must run as a module (a LoRA or quantized wrapper, a
+    hooked `nn.Linear`): `head(h_TD)`'s full `[T,V]` logits, cross-entropy in fp32 as stock Llama's
+    loss. Same arguments and results, without chunking."""
+    _check_reduction(reduction)
+    num_targets = (targets_T != IGNORE_INDEX).sum()
+    loss_sum = torch.nn.functional.cross_entropy(
+        head(h_TD).float(), targets_T, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    if reduction == "sum":
+        return loss_sum, num_targets
+    return loss_sum / num_targets.clamp(min=1), num_targets
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss reduction={reduction!r} is not supported; use 'mean' or 'sum'.")

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPas
 from foundry_padfree import kernels
 from foundry_padfree.attention import Backend, resolve_backend
 from foundry_padfree.config import PadFreeLlamaConfig
-from foundry_padfree.loss import DeferredHeadGrad, linear_cross_entropy, linear_dtype
+from foundry_padfree.loss import DeferredHeadGrad, linear_cross_entropy, linear_dtype, module_cross_entropy
 from foundry_padfree.varlen import VarlenMeta, unpad
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,8 @@ class PadFreeMLP(nn.Module):
             # (it would keep the product); a checkpointed region is what it is told to recompute.
             return checkpoint(_down_of_silu_mul, self.down_proj, gate_TF, up_TF, use_reentrant=False)
         fused = self.fused and kernels.usable(gate_TF)
-        # A wrapped down_proj (LoRA, quantized) keeps its own forward; only nn.Linear is folded in.
-        if self.recompute and type(self.down_proj) is nn.Linear:
+        # A wrapped or hooked down_proj (LoRA, quantized) keeps its own forward; only nn.Linear is folded in.
+        if self.recompute and _plain(self.down_proj, nn.Linear):
             return _SiluMulDown.apply(gate_TF, up_TF, self.down_proj.weight, self.down_proj.bias, fused, None)
         return self.down_proj(_SiluMul.apply(gate_TF, up_TF, fused))
 
@@ -293,12 +293,25 @@ class _SiluMulDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_w, grad_b, None, grad_residual
 
 
+def _plain(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether calling `module` is exactly `cls.forward` on its parameters: its type is `cls` (not a
+    LoRA or quantized wrapper) and no forward hook or replaced `forward` (its own or a global one:
+    steering and NEFTune hooks, pruning's recomputed weight, offloading wrappers) would run. Only
+    then may a fused path use the module's weight without calling it."""
+    hooks = nn.modules.module
+    return (
+        type(module) is cls
+        and not (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
+        and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+    )
+
+
 def _folds(layer: PadFreeDecoderLayer, x_TD: Tensor) -> bool:
     """Whether `_folded_layer` may run the block: fused kernels on (`config.fused_kernels`), in eager
     code (`torch.compile` fuses on its own), the residual stream and the products in one dtype
     (autocast off, or in x's dtype: bf16 weights under `amp_bf16`, as with FSDP's `PURE` mixed
     precision), a SiLU MLP, and bare `nn.Linear`s of x's dtype without bias, Llama's (a wrapped
-    layer, LoRA or quantized, keeps its own forward)."""
+    or hooked layer keeps its own forward: `_plain`)."""
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     device_type = x_TD.device.type
@@ -307,7 +320,7 @@ def _folds(layer: PadFreeDecoderLayer, x_TD: Tensor) -> bool:
         and mlp.hidden_act == "silu"
         and not torch.compiler.is_compiling()
         and (not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) == x_TD.dtype)
-        and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x_TD.dtype for m in linears)
+        and all(_plain(m, nn.Linear) and m.bias is None and m.weight.dtype == x_TD.dtype for m in linears)
     )
 
 
@@ -513,6 +526,12 @@ class PadFreePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["PadFreeDecoderLayer"]
 
+    def __init__(self, config: PadFreeLlamaConfig, *args: Any, **kwargs: Any):
+        # Checked again here: `from_pretrained(path, field=value)` sets its overrides on the config
+        # after the config's own check.
+        config.validate_padfree()
+        super().__init__(config, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
@@ -644,19 +663,25 @@ _NO_OP_HF_KWARGS = ("cache_position",)
 _FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _check_hf_kwargs(hf_kwargs: dict[str, Any], past_key_values: Any, packed: bool) -> None:
+def _check_hf_kwargs(hf_kwargs: dict[str, Any], past_key_values: Any, packed: bool, config: PadFreeLlamaConfig) -> None:
     """Refuse every HF argument that would change the result and that the model does not implement,
-    instead of ignoring it: unset (None or False) is the only accepted value."""
+    instead of ignoring it: unset (None or False) is the only accepted value. As in HF, the config's
+    `output_attentions` and `output_hidden_states` are those arguments' defaults."""
     if past_key_values is not None:
         raise ValueError("past_key_values are not supported: the model recomputes the prefix (use_cache=False).")
     ignored = _NO_OP_HF_KWARGS + (_FLASH_KWARGS if packed else ())
     given = sorted(k for k, v in hf_kwargs.items() if k not in ignored and v is not None and v is not False)
+    given += [f"config.{k}" for k in ("output_attentions", "output_hidden_states")
+              if hf_kwargs.get(k) is None and getattr(config, k)]  # fmt: skip
     if not given:
         return
     hints = {
         "inputs_embeds": "pass input_ids",
         "output_attentions": "varlen kernels never build attention weights",
         "output_hidden_states": "model.model(...) returns the last hidden state",
+        "config.output_attentions": "set it to False; varlen kernels never build attention weights",
+        "config.output_hidden_states": "set it to False; model.model(...) returns the last hidden state",
+        "num_logits_to_keep": "HF's old name of logits_to_keep, given together with it",
         **{k: "pass position_ids that restart at 0 per document (HF's DataCollatorWithFlattening does)"
            for k in _FLASH_KWARGS},
     }  # fmt: skip
@@ -739,7 +764,9 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                 num_loss_tokens)` (logits then by default also in training); None: the config's
                 `use_return_dict`.
         """
-        _check_hf_kwargs(hf_kwargs, past_key_values, packed=position_ids is not None)
+        if "num_logits_to_keep" in hf_kwargs and not logits_to_keep:  # HF's old name, which 4.51 still renames
+            logits_to_keep = hf_kwargs.pop("num_logits_to_keep")
+        _check_hf_kwargs(hf_kwargs, past_key_values, packed=position_ids is not None, config=self.config)
         if num_items_in_batch is not None and loss_reduction != "mean":
             raise ValueError(
                 f"num_items_in_batch={num_items_in_batch} with loss_reduction={loss_reduction!r}: the loss is "
@@ -763,17 +790,22 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         loss = num_loss_tokens = None
         if labels is not None:
             # index_select: its backward scatters the (distinct) rows back without index's sort.
-            loss, num_loss_tokens = linear_cross_entropy(
-                x_TD.index_select(0, batch.supervised_T),
-                self.lm_head.weight,
-                batch.targets_T[batch.supervised_T],
-                self.config.loss_chunk_size,
-                "sum" if num_items_in_batch is not None else loss_reduction,
-                compile_backend=self.loss_compile_backend,
-                fused=self.config.fused_kernels,
-                deferred_weight_grad=head_grad,
-                all_targets=batch.supervised_have_targets,
-            )
+            h_TD, targets_T = x_TD.index_select(0, batch.supervised_T), batch.targets_T[batch.supervised_T]
+            reduction = "sum" if num_items_in_batch is not None else loss_reduction
+            if _plain(self.lm_head, nn.Linear) and self.lm_head.bias is None:
+                loss, num_loss_tokens = linear_cross_entropy(
+                    h_TD,
+                    self.lm_head.weight,
+                    targets_T,
+                    self.config.loss_chunk_size,
+                    reduction,
+                    compile_backend=self.loss_compile_backend,
+                    fused=self.config.fused_kernels,
+                    deferred_weight_grad=head_grad,
+                    all_targets=batch.supervised_have_targets,
+                )
+            else:  # a wrapped or hooked head (LoRA, a hook) runs as itself, on the supervised tokens
+                loss, num_loss_tokens = module_cross_entropy(self.lm_head, h_TD, targets_T, reduction)
             if num_items_in_batch is not None:
                 loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         if return_logits is None:  # a tuple starts (loss, logits) as stock Llama's does
@@ -795,8 +827,8 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
             and w.requires_grad
             and w.dtype in (torch.bfloat16, torch.float16)
             and kernels.usable(w)
-            and type(embed) is nn.Embedding
-            and type(head) is nn.Linear
+            and _plain(embed, nn.Embedding)
+            and _plain(head, nn.Linear)
             and embed.weight is w
             and embed.max_norm is None
             and not (embed.scale_grad_by_freq or embed.sparse)

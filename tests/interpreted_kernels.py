@@ -8,6 +8,7 @@ unit; fp32 results to within fp32 rounding.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -443,10 +444,11 @@ def test_the_attention_operator_passes_opcheck():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_tied"])
-def test_audit_sees_the_fused_eager_paths(K, tmp_path, dtype):
+def test_audit_sees_the_fused_eager_paths(K, tmp_path, dtype, monkeypatch):
     # Where kernels run (here interpreted; on CUDA compiled), the eager block calls the Triton
     # backend's `attend_rope` (RoPE inside the attention op), and a tied 16-bit weight embeds through
     # `_TiedEmbedding`, not the `embed_tokens` module: the strict audit must see both as they are.
+    from foundry_padfree import modeling
     from foundry_padfree.callbacks import PadFreeAudit
     from foundry_padfree.modeling import _folds
     from tests.composer_helpers import composer_model, fit, logged, write_model_dir
@@ -456,9 +458,20 @@ def test_audit_sees_the_fused_eager_paths(K, tmp_path, dtype):
     decoder = model.model.model
     assert _folds(decoder.layers[0], torch.zeros(1, 32, dtype=dtype))
     assert (model.model._deferred_head_grad() is not None) == (dtype == torch.bfloat16)
+    tied, folded = [], []  # and the audit must not push the model off them while it watches
+    monkeypatch.setattr(
+        modeling._TiedEmbedding, "apply", functools.partial(_counted, tied, modeling._TiedEmbedding.apply)
+    )
+    monkeypatch.setattr(modeling, "_folded_layer", functools.partial(_counted, folded, modeling._folded_layer))
     trainer = fit(model, [PadFreeAudit(interval=1, strict=True)], batches=1, microbatch=4)
     assert logged(trainer, "padfree/audit/passed") == [1.0]
     assert logged(trainer, "padfree/audit/varlen_layers") == [2.0]
+    assert len(folded) == 2 and len(tied) == (dtype == torch.bfloat16)
+
+
+def _counted(calls: list, fn, *args):
+    calls.append(1)
+    return fn(*args)
 
 
 def test_fused_elementwise_kernels_take_views_and_no_tokens(K):

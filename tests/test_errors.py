@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from foundry_padfree import PadFreeLlamaConfig, attention
+from foundry_padfree import PadFreeLlamaConfig, PadFreeLlamaForCausalLM, attention
 from tests.conftest import tiny_config, tiny_model
 
 
@@ -197,3 +197,23 @@ def test_bad_config_values():
         tiny_config(num_key_value_heads=0)
     with pytest.raises(ValueError, match=r"loss_chunk_size=True must be a positive int"):
         tiny_config(loss_chunk_size=True)
+
+
+def test_config_overrides_of_from_pretrained_are_checked(tmp_path):
+    # HF sets `from_pretrained`'s keyword overrides on the config after the config's own check.
+    tiny_model().save_pretrained(tmp_path)
+    for override, match in (({"attention_dropout": 0.1}, r"attention_dropout=0.1 is not supported"),
+                            ({"loss_chunk_size": 0}, r"loss_chunk_size=0 must be a positive int")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            PadFreeLlamaForCausalLM.from_pretrained(tmp_path, **override)
+
+
+@pytest.mark.parametrize("name", ["output_attentions", "output_hidden_states"])
+def test_config_output_flags_are_refused_as_the_arguments_are(name):
+    # HF reads these config fields as the forward arguments' defaults; an explicit False still runs.
+    model = tiny_model()
+    setattr(model.config, name, True)
+    ids = torch.randint(3, 97, (1, 4))
+    with pytest.raises(ValueError, match=rf"does not support config\.{name} \(config\.{name}: set it to False"):
+        model(ids)
+    assert model(ids, **{name: False}).logits.shape == (1, 4, 97)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.utils import prune
 from transformers import LlamaForCausalLM
 
 from tests.conftest import tiny_model
@@ -238,3 +239,50 @@ def test_hf_trainer_evaluation_predicts_logits_only(tmp_path):
     args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True)
     predictions = Trainer(model=model, args=args).predict(data).predictions
     assert not isinstance(predictions, tuple) and predictions.shape == (2, 7, 97)
+
+
+def test_num_logits_to_keep_is_renamed_as_hf_does():
+    model = tiny_model()
+    ids, mask, _, _ = padded_batch([5, 5], "right")
+    ours = model(ids, attention_mask=mask, num_logits_to_keep=1).logits
+    ref = hf_twin(model)(ids, attention_mask=mask, num_logits_to_keep=1).logits
+    assert ours.shape == ref.shape == (2, 1, 97)
+    torch.testing.assert_close(ours, ref, **TOL)
+
+
+def _scale_output(module, args, output):
+    return output * 1.5
+
+
+@pytest.mark.parametrize("fused_kernels", [True, False], ids=["fused", "unfused"])
+def test_forward_hooks_on_submodules_run_as_in_hf(fused_kernels):
+    # Hooks change what a module returns (steering, NEFTune); the fused block and the chunked
+    # loss use weights directly only for modules that are exactly what they look like.
+    model = tiny_model(fused_kernels=fused_kernels).train()
+    hf = hf_twin(model).train()
+    for m in (model, hf):
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.register_forward_hook(_scale_output)
+            layer.mlp.down_proj.register_forward_hook(_scale_output)
+        m.model.embed_tokens.register_forward_hook(_scale_output)
+        m.lm_head.register_forward_hook(_scale_output)
+    ids, mask, labels, _ = padded_batch([9, 6, 3], "right")
+    ours, ref = model(ids, attention_mask=mask, labels=labels), hf(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+    ours.loss.backward()
+    ref.loss.backward()
+    assert_same_grads(model, hf)
+
+
+def test_pruned_projection_trains_as_in_hf():
+    # Pruning recomputes `weight` in a forward pre-hook: the weight must be read after it ran.
+    model = tiny_model().train()
+    hf = hf_twin(model).train()
+    for m in (model, hf):
+        prune.l1_unstructured(m.model.layers[0].self_attn.q_proj, "weight", amount=0.5)
+    ids, mask, labels, _ = padded_batch([9, 6], "right")
+    for _ in range(2):
+        ours, ref = model(ids, attention_mask=mask, labels=labels), hf(ids, attention_mask=mask, labels=labels)
+        torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+        ours.loss.backward()
+        ref.loss.backward()
