@@ -633,7 +633,8 @@ class PadFreeParity(Callback):
     """Compare the model on a live batch with stock HF `LlamaForCausalLM` on the padded layout.
 
     The reference gets the model's current weights (gathered in full under FSDP) and one document
-    per right-padded row; both run under the training precision.
+    per right-padded row; both run under the training precision. It is a full fp32 copy of the
+    model, on the training device only during a probe and in host memory between probes.
 
     Args:
         interval: compare every `interval`-th batch, from the first.
@@ -711,13 +712,17 @@ class PadFreeParity(Callback):
         self, state: State, probe: dict[str, Tensor], rows: list[int], row_docs: list[Document]
     ) -> tuple[float, float, float, float]:
         """Loss of the model and of the padded reference, max |delta logits| (absolute, relative)."""
-        reference = self._reference_with_current_weights(state)
         # Probe-row order, so the reference's real tokens come in the same order as ours.
         probe_docs = sorted((d._replace(row=rows.index(d.row)) for d in row_docs), key=lambda d: (d.row, d.start))
         padded = _one_document_per_row(probe, probe_docs)
-        with _probe_mode(state):
-            ours = state.model(probe)
-            ref = reference(**padded)
+        try:
+            reference = self._reference_with_current_weights(state)
+            with _probe_mode(state):
+                ours = state.model(probe)
+                ref = reference(**padded)
+        finally:
+            if self._reference is not None:  # between probes it waits in host memory, not the device's
+                self._reference.to("cpu")
         real_BS = torch.zeros(ours.logits.shape[:2], dtype=torch.bool, device=ours.logits.device)
         for d in probe_docs:
             real_BS[d.row, d.start : d.end] = True
@@ -734,14 +739,13 @@ class PadFreeParity(Callback):
         with _full_parameters(state.model):
             params = {_clean_name(n): p for n, p in model.model.named_parameters()}
             if self._reference is None:
-                device = next(iter(params.values())).device
                 config = model.config.to_llama_config()
                 # Stock HF attention on padded rows: the reference path, not our kernels. Built on
                 # the CPU with the CPU generator restored after, so its (overwritten) random init
                 # leaves the training run's random stream untouched.
                 with torch.random.fork_rng(devices=[]):
-                    reference = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
-                self._reference = reference.to(device).eval()
+                    self._reference = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+            self._reference.to(next(iter(params.values())).device)
             ref_params = dict(self._reference.named_parameters())
             missing = sorted(set(ref_params) - set(params))
             if missing:

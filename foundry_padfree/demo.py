@@ -271,8 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="where everything is written")
     parser.add_argument("--prepare-only", action="store_true", help="write data, tokenizer and config; no training")
     parser.add_argument("--max-documents", type=int, default=4000, help="corpus size (documents)")
+    parser.add_argument("--yaml", type=Path, default=CPU_YAML, help="the run YAML (default: the checkout's CPU YAML)")
     parser.add_argument("overrides", nargs="*", help="YAML overrides, key=value (OmegaConf dotlist)")
     args = parser.parse_args(argv)
+    if not args.prepare_only and not args.yaml.is_file():
+        parser.error(
+            f"the run YAML {args.yaml} does not exist. The demo trains from yamls/padfree-llama-cpu.yaml of a "
+            "foundry_padfree checkout, which a regular install does not ship: run it from a checkout "
+            "(pip install -e .), or pass --yaml PATH to a copy."
+        )
     run_dir = args.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmfoundry.command_utils import train_from_yaml
     from transformers import AutoTokenizer
 
-    yaml_path = write_train_yaml(run_dir, args.overrides)
+    yaml_path = write_train_yaml(run_dir, args.overrides, args.yaml)
     print(f"Training with LLM-Foundry: {yaml_path}", flush=True)
     trainer = train_from_yaml(str(yaml_path))
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")

@@ -6,8 +6,8 @@
 What it does, with the composer launcher (`python -m composer.cli.launcher -n N scripts/train.py`):
 
 1. Prepares data offline with `foundry_padfree.demo.prepare` (standard-library docstrings, a BPE
-   tokenizer, MDS rows). The GPU model is Llama-3.2-1B-shaped (16 layers, d=2048, GQA 32/8 heads,
-   vocab 128256, tied embeddings) through `model.config_overrides`; `--cpu` keeps the demo's
+   tokenizer, MDS rows). The GPU model is Llama-3.2-1B-shaped (16 layers, d=2048, GQA 32/8 heads
+   of 64, vocab 128256, tied embeddings) through `model.config_overrides`; `--cpu` keeps the demo's
    tiny Llama.
 2. Runs `padfree_text` training for `--batches` steps on 1 process, then on 2 processes at the
    same global batch and microbatch size (GPU: amp_bf16 and FSDP FULL_SHARD, which LLM-Foundry
@@ -58,6 +58,7 @@ LLAMA_3_2_1B = {
     "num_hidden_layers": 16,
     "num_attention_heads": 32,
     "num_key_value_heads": 8,
+    "head_dim": 64,  # the demo's config.json sets its own (32), which would otherwise stay
     "vocab_size": 128256,
     "tie_word_embeddings": True,
 }

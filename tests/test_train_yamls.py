@@ -253,3 +253,13 @@ def test_required_paths_must_be_given(yaml_path):
     # Data and tokenizer paths are `???` in the YAML: the error names the variable to set.
     with pytest.raises(Exception, match=r"Missing mandatory value: variables\.(data_local|tokenizer_dir|model_dir)"):
         train_from_yaml(str(yaml_path), [])
+
+
+def test_demo_without_its_yaml_says_what_to_do(tmp_path, capsys):
+    # A regular (non-editable) install ships the package but not the checkout's yamls/.
+    from foundry_padfree import demo
+
+    with pytest.raises(SystemExit):
+        demo.main(["--run-dir", str(tmp_path), "--yaml", str(tmp_path / "missing.yaml")])
+    assert "run it from a checkout (pip install -e .), or pass --yaml PATH" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before preparing anything
