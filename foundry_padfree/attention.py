@@ -49,9 +49,12 @@ class Backend(NamedTuple):
     # scale), for a backend that rotates them itself (eager runs: the backward then needs no RoPE
     # pass of its own). None: RoPE is applied before `attend`.
     attend_rope: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, VarlenMeta, float], Tensor] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None  # the dtypes its kernels take (None: any)
 
-    def takes(self, head_dim: int | None) -> bool:
-        return head_dim is None or self.max_head_dim is None or head_dim <= self.max_head_dim
+    def takes(self, head_dim: int | None, dtype: torch.dtype | None = None) -> bool:
+        """Whether its kernels take heads of `head_dim` in `dtype` (None: not asked)."""
+        fits = head_dim is None or self.max_head_dim is None or head_dim <= self.max_head_dim
+        return fits and (dtype is None or self.dtypes is None or dtype in self.dtypes)
 
 
 def _repeat_kv(x_TKH: Tensor, groups: int) -> Tensor:
@@ -189,6 +192,7 @@ def _eager_flex():
     return flex_attention
 
 
+_HALF = (torch.float16, torch.bfloat16)
 BACKENDS: dict[str, Backend] = {
     "triton": Backend(
         "triton",
@@ -197,17 +201,20 @@ BACKENDS: dict[str, Backend] = {
         triton_attention.varlen_attention,
         triton_attention.MAX_HEAD_DIM,
         _triton_attend_rope,
+        (*_HALF, torch.float32),
     ),
-    "flash_attn": Backend("flash_attn", _flash_attn_attend, max_head_dim=256),
-    "torch_varlen": Backend("torch_varlen", _torch_varlen_attend, max_head_dim=256),  # FlashAttention-2
+    "flash_attn": Backend("flash_attn", _flash_attn_attend, max_head_dim=256, dtypes=_HALF),
+    "torch_varlen": Backend("torch_varlen", _torch_varlen_attend, max_head_dim=256, dtypes=_HALF),  # FlashAttention-2
     "flex": Backend("flex", _flex_attend, _flex_prepare),
     "sdpa": Backend("sdpa", _sdpa_attend),
 }
 
 
-def available_backends(device: torch.device | str = "cuda", head_dim: int | None = None) -> list[str]:
+def available_backends(
+    device: torch.device | str = "cuda", head_dim: int | None = None, dtype: torch.dtype | None = None
+) -> list[str]:
     """Backends that can run on `device` with what is installed, best first (`auto` takes the first),
-    and that take heads of `head_dim` (None: any)."""
+    and that take heads of `head_dim` in `dtype` (None: any)."""
     device = torch.device(device)
     names = []
     if device.type == "cuda" and torch.cuda.is_available():
@@ -223,13 +230,16 @@ def available_backends(device: torch.device | str = "cuda", head_dim: int | None
         names.append("flex")  # eager flex off CUDA: slow, but it lets CPU tests check its mask
     if "triton" not in names and kernels.HAS_TRITON and kernels.INTERPRET:
         names.append("triton")  # Triton's interpreter: slow, but it lets CPU tests check the kernels
-    return [name for name in names if BACKENDS[name].takes(head_dim)]
+    return [name for name in names if BACKENDS[name].takes(head_dim, dtype)]
 
 
-def resolve_backend(name: str, device: torch.device | str, head_dim: int | None = None) -> Backend:
-    """The backend named by config (`auto`: the best of `available_backends(device, head_dim)`)."""
+def resolve_backend(
+    name: str, device: torch.device | str, head_dim: int | None = None, dtype: torch.dtype | None = None
+) -> Backend:
+    """The backend named by config (`auto`: the best of `available_backends(device, head_dim, dtype)`,
+    `dtype` being the one attention runs in: FlashAttention's kernels take 16-bit inputs only)."""
     if name == "auto":
-        return BACKENDS[available_backends(device, head_dim)[0]]
+        return BACKENDS[available_backends(device, head_dim, dtype)[0]]
     if name not in BACKENDS:
         raise ValueError(f"attn_backend={name!r} is not a known backend; use auto or one of {sorted(BACKENDS)}.")
     if not BACKENDS[name].takes(head_dim):
@@ -241,5 +251,11 @@ def resolve_backend(name: str, device: torch.device | str, head_dim: int | None 
         raise ValueError(
             f"attn_backend={name!r} cannot run on {device} here (available: "
             f"{', '.join(available_backends(device))}); pick one of those or auto."
+        )
+    if not BACKENDS[name].takes(head_dim, dtype):
+        raise ValueError(
+            f"attn_backend={name!r} takes {'/'.join(str(d).removeprefix('torch.') for d in BACKENDS[name].dtypes)} "
+            f"inputs, and attention would run in {dtype}; train in bf16 (amp_bf16, or bf16 weights), or use "
+            f"auto or one of {', '.join(available_backends(device, head_dim, dtype))}."
         )
     return BACKENDS[name]

@@ -336,7 +336,8 @@ class _ForwardRecord:
     unpads: list[Unpadded] = field(default_factory=list)
     embed_inputs: list[tuple[int, ...]] = field(default_factory=list)
     layer_inputs: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, x shape)
-    attends: list[tuple[int, str, Any, tuple[int, ...]]] = field(default_factory=list)  # layer, backend, meta, q
+    # layer, backend, meta, q's shape and dtype
+    attends: list[tuple[int, str, Any, tuple[int, ...], torch.dtype]] = field(default_factory=list)
 
 
 class PadFreeAudit(Callback):
@@ -371,7 +372,8 @@ class PadFreeAudit(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         model = _composer_model(state)
         device = next(model.parameters()).device
-        backend = model.model.model.attention_backend(device)
+        with get_precision_context(state.precision, state.precision_config):  # as in the training forward
+            backend = model.model.model.attention_backend(device)
         logger.log_hyperparameters({"padfree/attn_backend": backend.name})
 
     def before_forward(self, state: State, logger: Logger) -> None:
@@ -451,8 +453,9 @@ def _check_forward(state: State, record: _ForwardRecord, docs: BatchDocs) -> tup
     if not record.unpads:
         return problems, varlen_layers
     meta = record.unpads[0].meta
-    expected_backend = inner.model.attention_backend(meta.cu_seqlens_N1.device).name
-    for layer, backend, attend_meta, q_shape in record.attends:
+    for layer, backend, attend_meta, q_shape, dtype in record.attends:
+        # The backend the configuration gives for the dtype attention ran in (`auto` depends on it).
+        expected_backend = inner.model.attention_backend(meta.cu_seqlens_N1.device, dtype).name
         same_meta = attend_meta.cu_seqlens_N1 is meta.cu_seqlens_N1 and attend_meta.doc_lens == meta.doc_lens
         if backend == expected_backend and backend in BACKENDS and same_meta and q_shape[0] == T:
             varlen_layers += 1
@@ -506,12 +509,12 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
         record.layer_inputs.append((index, tuple(x_TD.shape)))
 
         def attend(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, meta_: Any, scale: float) -> Tensor:
-            record.attends.append((index, backend.name, meta_, tuple(q_TNH.shape)))
+            record.attends.append((index, backend.name, meta_, tuple(q_TNH.shape), q_TNH.dtype))
             return backend.attend(q_TNH, k_TKH, v_TKH, meta_, scale)
 
         def attend_rope(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, cos: Tensor, sin: Tensor, meta_: Any,
                         scale: float) -> Tensor:  # fmt: skip
-            record.attends.append((index, backend.name, meta_, tuple(q_TNH.shape)))
+            record.attends.append((index, backend.name, meta_, tuple(q_TNH.shape), q_TNH.dtype))
             return backend.attend_rope(q_TNH, k_TKH, v_TKH, cos, sin, meta_, scale)
 
         wrapped = backend._replace(attend=attend, attend_rope=attend_rope if backend.attend_rope else None)

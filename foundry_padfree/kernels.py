@@ -301,7 +301,9 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK_V)
             x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            # While every logit so far is -inf, rescale by exp(. - 0): exp(-inf - -inf) would be NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
             m = m_new
         lse = m + tl.log(s)
         x_target = tl.load(base + target).to(tl.float32)

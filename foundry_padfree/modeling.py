@@ -564,11 +564,14 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         self._backends: dict[tuple[str, str], Backend] = {}
         self.post_init()
 
-    def attention_backend(self, device: torch.device) -> Backend:
-        """The kernel named by `config.attn_backend` for `device`, chosen once and cached."""
-        key = (self.config.attn_backend, device.type)
+    def attention_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+        """The kernel named by `config.attn_backend` for `device` and the dtype attention runs in
+        (`dtype`; None: the one it would run in now, autocast's or the weights'), chosen once and cached."""
+        if dtype is None:
+            dtype = linear_dtype(device.type, self.embed_tokens.weight.dtype)
+        key = (self.config.attn_backend, device.type, dtype)
         if key not in self._backends:
-            self._backends[key] = resolve_backend(self.config.attn_backend, device, _head_dim(self.config))
+            self._backends[key] = resolve_backend(self.config.attn_backend, device, _head_dim(self.config), dtype)
         return self._backends[key]
 
     def compile_layers(self, backend: str = "inductor") -> None:

@@ -105,6 +105,27 @@ def test_auto_skips_kernels_that_cannot_take_the_head_dim(monkeypatch):
         model.model.attention_backend(torch.device("cuda"))
 
 
+def test_auto_skips_kernels_that_cannot_take_the_dtype(monkeypatch):
+    """FlashAttention's kernels (flash_attn, torch_varlen) take 16-bit inputs only: `auto` passes
+    them over when attention runs in fp32 (no autocast, fp32 weights), and naming one says what to do."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention.kernels, "HAS_TRITON", True)
+    find_spec, installed = attention.importlib.util.find_spec, ("flash_attn", "torch.nn.attention.varlen")
+    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name, *a: object() if name in installed
+                        else find_spec(name, *a))  # fmt: skip
+    pick = attention.resolve_backend
+    assert pick("auto", "cuda", 256, torch.bfloat16).name == "flash_attn"
+    assert pick("auto", "cuda", 256, torch.float32).name == "flex"
+    assert pick("auto", "cuda", 64, torch.float32).name == "triton"
+    assert pick("auto", "cuda", 64, torch.float64).name == "flex"
+    with pytest.raises(ValueError, match=r"'torch_varlen' takes float16/bfloat16 inputs.*run in torch.float32; "
+                                         r"train in bf16.*or use auto or one of triton, flex, sdpa"):  # fmt: skip
+        pick("torch_varlen", "cuda", 64, torch.float32)
+    wide = tiny_model(hidden_size=512, num_attention_heads=2, num_key_value_heads=2, attn_backend="auto")  # fp32
+    assert wide.model.attention_backend(torch.device("cuda")).name == "flex"
+    assert wide.model.attention_backend(torch.device("cuda"), torch.bfloat16).name == "flash_attn"
+
+
 def test_dynamic_rope_is_refused():
     from foundry_padfree import PadFreeLlamaForCausalLM
 
