@@ -51,6 +51,7 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig, PreTrainedTo
 
 from foundry_padfree.attention import resolve_backend
 from foundry_padfree.config import ATTN_BACKENDS, PadFreeLlamaConfig
+from foundry_padfree.loss import linear_dtype
 from foundry_padfree.modeling import PadFreeCausalLMOutput, PadFreeLlamaForCausalLM, training_flops
 from foundry_padfree.varlen import IGNORE_INDEX, unpad
 
@@ -182,18 +183,35 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
         out = self.model(input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX), return_logits=False)
         logits = None
         if want_logits:
+            # The vocabulary size from the config: after FSDP's forward the head's weight can be this
+            # rank's flat shard (`use_orig_params`), whose shape says nothing about it.
             B, S = batch["input_ids"].shape
-            head = self.model.get_output_embeddings().weight
-            logits = torch.zeros(B, S, head.shape[0], dtype=head.dtype, device=batch["input_ids"].device)
+            device = batch["input_ids"].device
+            dtype = linear_dtype(device.type, self.model.get_output_embeddings().weight.dtype)
+            logits = torch.zeros(B, S, self.model.config.vocab_size, dtype=dtype, device=device)
         return PadFreeCausalLMOutput(loss=out.loss, logits=logits, num_loss_tokens=out.num_loss_tokens)
 
     def loss(self, outputs: Any, batch: Mapping[str, Any]) -> Tensor:
+        """The model's loss: the mean over the targets it trained on, over the batch's own count of
+        them where the batch carries one that differs (LLM-Foundry's `loss_generating_tokens`).
+
+        Composer's `accumulate_train_batch_on_tokens` weighs each microbatch's loss by that count, so
+        the loss must be a mean over it for microbatches to add up to the whole batch. LLM-Foundry's
+        `text` collator counts the targets across document boundaries, which the model never trains
+        on: the summed loss is then divided by that larger count (`padfree_text` and
+        `padfree_finetuning` count exactly the model's targets, where nothing changes).
+        """
         if outputs.loss is None:
             raise ValueError(
                 "the batch has no 'labels', so the model computed no loss; training batches need labels "
                 f"(batch keys: {sorted(batch)})."
             )
-        return outputs.loss
+        counted = batch.get("loss_generating_tokens")
+        if counted is None or outputs.num_loss_tokens is None:
+            return outputs.loss
+        counted = max(int(sum(counted)), 1)  # host-side ints: no sync
+        trained = outputs.num_loss_tokens.clamp(min=1)
+        return torch.where(trained == counted, outputs.loss, outputs.loss * trained / counted)
 
     def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> Any:
         """Composer's eval forward, with labels masked at document starts first.

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 from foundry_padfree import PadFreeLlamaConfig, PadFreeLlamaForCausalLM, training_flops
 from foundry_padfree.composer_model import ComposerPadFreeCausalLM, document_lengths
 from foundry_padfree.modeling import PadFreeDecoderLayer, PadFreeRMSNorm
-from tests.composer_helpers import ROWS, composer_model, packed_batch, write_model_dir
+from tests.composer_helpers import ROWS, collate, composer_model, packed_batch, packed_row, write_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_forward_hands_sequence_id_to_the_model(model_dir):
     # Without sequence_id the rows would be single documents: a different loss.
     cross = model({k: v for k, v in batch.items() if k != "sequence_id"})
     assert not torch.allclose(out.loss, cross.loss)
-    assert model.loss(out, batch) is out.loss
+    torch.testing.assert_close(model.loss(out, batch), out.loss, atol=0, rtol=0)  # our collators' counts
 
 
 @pytest.mark.parametrize(
@@ -206,3 +206,28 @@ def test_non_llama_config_is_refused(tmp_path):
 def _tiny_fields() -> dict:
     return dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+
+
+def test_token_weighted_microbatches_add_up_with_llmfoundry_text_counts(model_dir):
+    # LLM-Foundry's `text` collator keeps the label at document starts and counts it in
+    # `loss_generating_tokens`, which Composer weighs microbatches by; the model never trains on
+    # those targets. Weighted by that count, one-row microbatches must add up to the whole batch.
+    model = composer_model(model_dir).train()
+    batch = packed_batch()
+    batch["labels"] = batch["input_ids"].masked_fill(batch["sequence_id"] < 0, -100)
+    batch["loss_generating_tokens"] = [int((row[1:] != -100).sum()) for row in batch["labels"]]
+    whole = model.loss(model(batch), batch)
+    rows = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(len(batch["total_tokens"]))]
+    total = sum(batch["loss_generating_tokens"])
+    parts = sum(model.loss(model(mb), mb) * sum(mb["loss_generating_tokens"]) / total for mb in rows)
+    torch.testing.assert_close(parts, whole)
+
+
+def test_padding_only_logits_have_the_vocabulary_size_whatever_the_head_shard(model_dir, monkeypatch):
+    # After FSDP's forward (use_orig_params) the head's weight is this rank's flat shard.
+    from types import SimpleNamespace
+
+    model = composer_model(model_dir).eval()
+    batch = collate([packed_row([], seed) for seed in (0, 1)])
+    monkeypatch.setattr(model.model, "get_output_embeddings", lambda: SimpleNamespace(weight=torch.zeros(7)))
+    assert model(batch).logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
