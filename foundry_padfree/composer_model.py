@@ -26,7 +26,7 @@ YAML keys under `model:` (every other key fails fast, naming the closest valid o
   token accuracy) on every microbatch. They need `[B,S,V]` logits, so they cost the padded head
   this model otherwise avoids; the training loss is logged either way.
 - `additional_train_metrics`, `additional_eval_metrics`: extra metric names from LLM-Foundry's
-  `metrics` registry.
+  `metrics` registry (train metrics need `use_train_metrics: true`, or the build fails).
 - `allow_embedding_resizing` (default false): grow the embeddings to the tokenizer's size.
 - `trust_remote_code` (default false), `use_auth_token` (default false): passed to HF loading.
 
@@ -103,6 +103,12 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
         if attn_backend not in ATTN_BACKENDS:
             raise ValueError(
                 f"attn_backend={attn_backend!r} is not a known backend; use one of {', '.join(ATTN_BACKENDS)}."
+            )
+        if additional_train_metrics and not use_train_metrics:
+            raise ValueError(
+                f"additional_train_metrics={list(additional_train_metrics)} are computed only with "
+                "use_train_metrics: true, which is false by default here (unlike hf_causal_lm: train metrics "
+                "need the [B,S,V] logits the model otherwise never builds); set use_train_metrics: true."
             )
         config_overrides = dict(config_overrides or {})
         if "attn_backend" in config_overrides and config_overrides["attn_backend"] != attn_backend:

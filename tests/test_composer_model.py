@@ -188,6 +188,7 @@ def test_tied_embeddings_count_once(tmp_path):
         ({"config_overrides": {"num_hiden_layers": 1}}, r'config does not have attribute "num_hiden_layers"'),
         ({"config_overrides": {"loss_chunk_size": 0}}, r"loss_chunk_size=0 must be a positive int"),
         ({"init_device": "gpu"}, r"init_device='gpu' is not supported; use one of cpu, meta, mixed"),
+        ({"additional_train_metrics": ["TokenAccuracy"]}, r"computed only with use_train_metrics: true"),
     ],
 )
 def test_bad_options_fail_at_build_time_with_the_fix(model_dir, options, message):
