@@ -7,7 +7,9 @@ YAML selects it with `model: {name: padfree_causal_lm, ...}`. It is LLM-Foundry'
 `ComposerHFCausalLM` (same loading, FSDP preparation, metrics and HF checkpointing) with our model
 class, our config and a forward that hands `sequence_id`/`position_ids` to the model.
 
-YAML keys under `model:` (every other key fails fast, naming the closest valid one):
+YAML keys under `model:` (every other key fails fast, naming the closest valid one; `hf_causal_lm`
+options this model does not implement, such as `peft_config` or `load_in_8bit`, fail with what to do
+instead unless they ask for nothing: `peft_config: null`, `load_in_8bit: false`):
 
 - `pretrained_model_name_or_path`: a local directory with a Llama `config.json` (stock
   `model_type: llama` or our `padfree_llama`) and, for `pretrained: true`, its weights.
@@ -288,6 +290,12 @@ def _training_device() -> torch.device:
     return torch.device("cuda" if get_device(None).name == "gpu" else "cpu")
 
 
+def _is_unset(name: str, value: Any) -> bool:
+    """Whether an unsupported `hf_causal_lm` option holds a value that asks for nothing: unset, off,
+    empty, or `should_save_peft_only`'s default (which only matters with a `peft_config`)."""
+    return value is None or value is False or value == {} or (name == "should_save_peft_only" and value is True)
+
+
 def _reject_unknown_options(unknown: dict[str, Any]) -> None:
     if not unknown:
         return
@@ -298,12 +306,16 @@ def _reject_unknown_options(unknown: dict[str, Any]) -> None:
     ]
     problems = []
     for name in sorted(unknown):
+        if name in _NOT_SUPPORTED and _is_unset(name, unknown[name]):
+            continue  # e.g. `load_in_8bit: false`, copied from an hf_causal_lm YAML: asks for nothing
         if name in _NOT_SUPPORTED:
             problems.append(f"{name}: {_NOT_SUPPORTED[name]}")
             continue
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]!r}?" if close else "not an option of padfree_causal_lm"
         problems.append(f"{name}: {hint}")
+    if not problems:
+        return
     raise ValueError(
         "unknown model option(s) for padfree_causal_lm: "
         + "; ".join(problems)

@@ -189,11 +189,19 @@ def test_tied_embeddings_count_once(tmp_path):
         ({"config_overrides": {"loss_chunk_size": 0}}, r"loss_chunk_size=0 must be a positive int"),
         ({"init_device": "gpu"}, r"init_device='gpu' is not supported; use one of cpu, meta, mixed"),
         ({"additional_train_metrics": ["TokenAccuracy"]}, r"computed only with use_train_metrics: true"),
+        ({"peft_config": {"peft_type": "LORA", "r": 8}}, r"peft_config: LoRA/PEFT is not supported"),
+        ({"load_in_8bit": True}, r"load_in_8bit: 8-bit loading is not supported"),
     ],
 )
 def test_bad_options_fail_at_build_time_with_the_fix(model_dir, options, message):
     with pytest.raises(ValueError, match=message):
         composer_model(model_dir, **options)
+
+
+def test_unsupported_hf_causal_lm_options_at_values_that_ask_for_nothing_are_accepted(model_dir):
+    # An hf_causal_lm YAML switched to padfree_causal_lm may spell out these options' off values.
+    off = dict(peft_config=None, load_in_8bit=False, use_flash_attention_2=False, should_save_peft_only=True)
+    assert composer_model(model_dir, **off).model.config.attn_backend == "sdpa"
 
 
 def test_non_llama_config_is_refused(tmp_path):
