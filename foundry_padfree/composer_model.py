@@ -164,8 +164,7 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
             )
         if not isinstance(config, PadFreeLlamaConfig):
             config = PadFreeLlamaConfig.from_llama_config(config)
-        set_config_overrides(config, config_overrides)
-        config.validate_padfree()  # overrides bypass the constructor's checks
+        set_config_overrides(config, config_overrides)  # checked when the model is built on this config
         return config
 
     def forward(self, batch: Mapping[str, Any]) -> Any:

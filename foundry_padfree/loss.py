@@ -219,9 +219,7 @@ def linear_cross_entropy(
     loss_sum = _ChunkedLinearCrossEntropy.apply(
         h_TD, weight_VD, targets_T, chunk, need_grad, compile_backend, fused, deferred_weight_grad, all_targets
     )
-    if reduction == "sum":
-        return loss_sum, num_targets
-    return loss_sum / num_targets.clamp(min=1), num_targets
+    return _reduced(loss_sum, num_targets, reduction)
 
 
 def module_cross_entropy(
@@ -235,11 +233,16 @@ def module_cross_entropy(
     loss_sum = torch.nn.functional.cross_entropy(
         head(h_TD).float(), targets_T, ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    if reduction == "sum":
-        return loss_sum, num_targets
-    return loss_sum / num_targets.clamp(min=1), num_targets
+    return _reduced(loss_sum, num_targets, reduction)
 
 
 def _check_reduction(reduction: str) -> None:
     if reduction not in ("mean", "sum"):
         raise ValueError(f"loss reduction={reduction!r} is not supported; use 'mean' or 'sum'.")
+
+
+def _reduced(loss_sum: Tensor, num_targets: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
+    """(loss, count): the sum, or the mean over tokens with a target (0 when there are none)."""
+    if reduction == "sum":
+        return loss_sum, num_targets
+    return loss_sum / num_targets.clamp(min=1), num_targets

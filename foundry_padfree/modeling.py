@@ -561,7 +561,7 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         self.rotary_emb = PadFreeRotary(config)
         self.gradient_checkpointing = False
         self.compile_backend: str | None = None  # set by compile_layers; None runs eagerly
-        self._backends: dict[tuple[str, str], Backend] = {}
+        self._backends: dict[tuple[str, str, torch.dtype], Backend] = {}  # (attn_backend, device type, dtype)
         self.post_init()
 
     def attention_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
