@@ -579,9 +579,10 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
 
         With an attention backend that torch.compile can trace (`Backend.traceable`: `triton`, what
         `auto` picks on CUDA), all layers form one graph, attention included, compiled on the first
-        step (one forward and one backward graph; under gradient checkpointing one per layer,
-        shared by all). Other backends' kernels stay eager between two graphs per layer, shared by
-        all layers. Either way the graphs serve every later batch: no recompilation when T, the
+        step (one forward and one backward graph; under gradient checkpointing, or with the layers
+        in wrappers such as FSDP's or activation checkpointing's, one per layer, shared by all).
+        Other backends' kernels stay eager between two graphs per layer, shared by all layers.
+        Either way the graphs serve every later batch: no recompilation when T, the
         number of documents or their lengths change (with inductor, its fusion of a norm
         backward's two reductions is decided without guards on T: `_inductor_options`). The
         embedding and the host-side metadata stay eager. `backend` is `torch.compile`'s
@@ -614,7 +615,11 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
             x_TD = _TiedEmbedding.apply(input_ids_T, embed.weight, embed.padding_idx, head_grad)
         rope = self.rotary_emb(meta.position_ids_T, x_TD.dtype)
         checkpointing = self.gradient_checkpointing and self.training
-        if self.compile_backend is not None and backend.traceable is not None and not checkpointing:
+        # The stack's graph reads each layer's weights itself, so only bare layers go in: a wrapper
+        # (FSDP's, which gathers the weights as the layer is called; activation checkpointing's) or
+        # FSDP2's class must be called, and such layers run as compiled layers one by one.
+        bare = all(type(layer) is PadFreeDecoderLayer for layer in self.layers)
+        if self.compile_backend is not None and backend.traceable is not None and not checkpointing and bare:
             # Every layer in one graph, attention included: the least host work per step.
             _mark_dynamic(x_TD, *rope, meta.attn_extra)
             x_TD = _compiled_stack(self.compile_backend)(self.layers, x_TD, *rope, meta.attn_extra, backend.traceable)

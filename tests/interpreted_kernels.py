@@ -492,3 +492,56 @@ def test_fused_elementwise_kernels_take_views_and_no_tokens(K):
     w = torch.ones(16, requires_grad=True)
     (K.rms_norm(x, w, 1e-5) * 1.0).sum().backward()
     assert torch.equal(w.grad, torch.zeros(16))
+
+
+@pytest.mark.parametrize("layout", ["one_graph", "wrapped_layers", "checkpointed"])
+def test_audit_sees_the_compiled_layers(K, tmp_path, layout, monkeypatch):
+    # Under `compile_layers` with the Triton backend the layers run inside compiled graphs, where no
+    # hook fires: the audit records the graphs' calls with the metadata they get, passes a correct run
+    # and fails a forward that prepares the metadata a second time. Layers in a wrapper (activation
+    # checkpointing's, as Composer applies it; FSDP's) are called one by one, each a compiled layer:
+    # the stack's graph would read their weights past the wrapper.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from foundry_padfree import modeling
+    from foundry_padfree.callbacks import PadFreeAudit, PadFreeCheckError
+    from tests.composer_helpers import composer_model, fit, logged, write_model_dir
+
+    def build():
+        model = composer_model(write_model_dir(tmp_path / "model"), attn_backend="triton")
+        if layout == "checkpointed":
+            model.model.gradient_checkpointing_enable()
+        if layout == "wrapped_layers":
+            apply_activation_checkpointing(model.model, check_fn=lambda m: isinstance(m, modeling.PadFreeDecoderLayer))
+        model.model.compile_layers("aot_eager")
+        return model
+
+    torch._dynamo.reset()
+    calls = {"stack": 0, "layer": 0}
+
+    def counted(name, compiled_for):
+        def get(backend):
+            calls[name] += 1
+            return compiled_for(backend)
+
+        return get
+
+    monkeypatch.setattr(modeling, "_compiled_stack", counted("stack", modeling._compiled_stack))
+    monkeypatch.setattr(modeling, "_compiled_layer", counted("layer", modeling._compiled_layer))
+    trainer = fit(build(), [PadFreeAudit(interval=1, strict=True)], batches=1, microbatch=4)
+    assert logged(trainer, "padfree/audit/passed") == [1.0]
+    assert logged(trainer, "padfree/audit/varlen_layers") == [2.0]
+    if layout == "one_graph":
+        assert calls == {"stack": 1, "layer": 0}, calls
+    else:  # the layers one by one (and again in backward, where they are checkpointed)
+        assert calls["stack"] == 0 and calls["layer"] >= 2, calls
+
+    forward_tokens = modeling.PadFreeLlamaModel.forward_tokens
+
+    def prepares_twice(self, input_ids_T, meta, *args):
+        self.attention_backend(input_ids_T.device).prepare(meta, 2, 8)  # metadata rebuilt beside the model's
+        return forward_tokens(self, input_ids_T, meta, *args)
+
+    monkeypatch.setattr(modeling.PadFreeLlamaModel, "forward_tokens", prepares_twice)
+    with pytest.raises(PadFreeCheckError, match=r"the attention backend prepared metadata 2 times"):
+        fit(build(), [PadFreeAudit(interval=1, strict=True)], batches=1, microbatch=4)

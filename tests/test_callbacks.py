@@ -118,7 +118,8 @@ def test_stats_are_the_batch_arithmetic(model_dir):
 
 def test_stats_leave_the_audit_and_probes_out_of_the_batch_time(model_dir, monkeypatch):
     # A clock of the callbacks' own: 1 ms per reading, and 100 s inside the audit's check of a
-    # forward and the parity probe. The batch's time must come out without those 200 s.
+    # forward, the parity probe and each reading of the batch (audit, isolation, parity; stats
+    # reads it after its own clock stopped). The batch's time must come out without those 500 s.
     clock = types.SimpleNamespace(now=0.0)
 
     def perf_counter():
@@ -131,6 +132,7 @@ def test_stats_leave_the_audit_and_probes_out_of_the_batch_time(model_dir, monke
     monkeypatch.setattr(cb, "time", types.SimpleNamespace(perf_counter=perf_counter))
     monkeypatch.setattr(cb, "_check_forward", slow(cb._check_forward))
     monkeypatch.setattr(PadFreeParity, "_compare", slow(PadFreeParity._compare))
+    monkeypatch.setattr(cb, "read_batch", slow(cb.read_batch))
     trainer = fit(composer_model(model_dir), all_callbacks(), batches=1, microbatch=4)
     seconds = logged(trainer, "padfree/stats/real_tokens")[0] / logged(trainer, "padfree/stats/real_tokens_per_sec")[0]
     assert 0 < seconds < 1.0, seconds
@@ -225,6 +227,8 @@ def test_probes_catch_cross_document_attention(model_dir, monkeypatch, callback,
 def test_parity_tolerance_follows_the_precision_of_the_products(monkeypatch):
     assert cb.default_parity_tolerance(Precision.AMP_BF16, on_gpu=True) == 5e-2
     assert cb.default_parity_tolerance(Precision.FP32, on_gpu=False) == 1e-4
+    # bf16 weights under precision fp32 (pure bf16 training): the model computes in bf16.
+    assert cb.default_parity_tolerance(Precision.FP32, on_gpu=False, weights_dtype=torch.bfloat16) == 5e-2
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # TF32: Composer's GPU default
     assert cb.default_parity_tolerance(Precision.FP32, on_gpu=True) == 1e-2
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
@@ -298,3 +302,86 @@ def test_non_padfree_model_is_refused_at_init(tmp_path):
 def test_bad_interval():
     with pytest.raises(ValueError, match=r"padfree_stats: interval=0 must be a positive number of batches"):
         PadFreeStats(interval=0)
+
+
+def test_audit_passes_llm_foundrys_own_text_collator(model_dir):
+    # LLM-Foundry's `text` collator (eos_token_id set) counts the labels at document starts in
+    # `loss_generating_tokens` and leaves `sequence_id` at the last document's value on padding;
+    # the model trains on such batches consistently (its loss is taken over the given count), so
+    # the audit passes them, counting those labels. A count that is neither is still refused.
+    from composer import Trainer
+    from composer.core import DataSpec
+    from composer.loggers import InMemoryLogger
+    from llmfoundry.data.utils import get_text_collator, get_tokens_per_batch_func
+    from tokenizers import Tokenizer, models
+    from torch.utils.data import DataLoader
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")),
+                                        pad_token="t0", bos_token="t1", eos_token="t2")  # fmt: skip
+    collate_text, _ = get_text_collator({"dataset": {"eos_token_id": 2}}, tokenizer, 4)
+    samples = []
+    for i in range(8):  # rows of 16 tokens whose documents end with EOS; the first one shorter
+        ids = torch.randint(3, VOCAB, (16,))
+        ids[[4, 9]] = 2
+        samples.append({"input_ids": ids[:12] if i == 0 else ids})
+    batch = collate_text(samples[:4])
+    assert batch["attention_mask"][0, 12:].tolist() == [0] * 4 and (batch["sequence_id"][0, 12:] >= 0).all()
+    docs = read_batch(batch)
+    assert docs.problems == [] and docs.boundary_targets_counted == 8  # 2 boundaries in each of 4 rows
+
+    loader = DataSpec(DataLoader(samples, batch_size=4, collate_fn=collate_text),
+                      get_num_tokens_in_batch=get_tokens_per_batch_func())  # fmt: skip
+    model = composer_model(model_dir)
+    trainer = Trainer(model=model, train_dataloader=loader,
+                      max_duration="2ba", optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                      device_train_microbatch_size=2, accumulate_train_batch_on_tokens=True,
+                      callbacks=[PadFreeAudit(interval=1, strict=True)], loggers=[InMemoryLogger()],
+                      progress_bar=False, log_to_console=False, seed=0)  # fmt: skip
+    trainer.fit()
+    assert logged(trainer, "padfree/audit/passed") == [1.0, 1.0]
+    assert logged(trainer, "padfree/audit/boundary_targets_counted")[:2] == [4.0, 4.0]  # per microbatch
+
+    off = dict(batch, loss_generating_tokens=[n + 1 for n in batch["loss_generating_tokens"]])
+    assert read_batch(off).problems == [
+        "loss_generating_tokens[0] = 12 but the model trains on 9 targets in row 0 or 11 with the labels at "
+        "document starts"
+    ]
+    real_but_padding = dict(batch, sequence_id=batch["sequence_id"].masked_fill(batch["attention_mask"] == 1, -1))
+    assert (
+        "row 0: sequence_id is -1 (padding) on tokens attention_mask marks as real"
+        in read_batch(real_but_padding).problems
+    )
+
+
+def test_parity_compares_only_logits_on_rows_without_targets(model_dir):
+    # Prompt-only rows: our loss is 0, stock HF's a mean over no targets (NaN); nothing to compare.
+    rows = [[5, 3, 7], [4, 6], [16], [2, 2, 2, 9]] * 2
+    original = cb._probe_batch
+
+    def no_targets(state, rows_, with_labels=False):
+        probe = original(state, rows_, with_labels)
+        return dict(probe, labels=torch.full_like(probe["labels"], -100)) if with_labels else probe
+
+    cb_parity = PadFreeParity(interval=1, strict=True, max_rows=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cb, "_probe_batch", no_targets)
+        mp.setattr(cb, "read_batch", lambda b: read_batch(dict(b, labels=torch.full_like(b["labels"], -100))))
+        trainer = fit(composer_model(model_dir), [cb_parity], batches=1, rows=rows)
+    assert logged(trainer, "padfree/parity/passed") == [1.0]
+    assert logged(trainer, "padfree/parity/loss_compared") == [0.0]
+    assert logged(trainer, "padfree/parity/logits_max_rel_diff")[0] < 1e-4
+
+
+def test_audit_puts_back_what_it_wrapped_and_is_one_per_run(model_dir):
+    model = composer_model(model_dir)
+    decoder = model.model.model
+    calls = []
+    forward_tokens = decoder.forward_tokens
+    decoder.forward_tokens = lambda *a, **k: calls.append(1) or forward_tokens(*a, **k)  # the user's wrapper
+    fit(model, [PadFreeAudit(interval=1, strict=True)], batches=2, microbatch=4)
+    assert len(calls) == 2 and "forward_tokens" in vars(decoder)
+    assert "attention_backend" not in vars(decoder) and modeling.unpad is unpad
+    with pytest.raises(ValueError, match=r"2 padfree_audit callbacks in one run; keep one"):
+        fit(composer_model(model_dir), [PadFreeAudit(interval=1), PadFreeAudit(interval=2)], batches=1)
