@@ -20,6 +20,11 @@ instead unless they ask for nothing: `peft_config: null`, `load_in_8bit: false`)
   `loss_chunk_size: 8192`, ...); an unknown field is an error.
 - `attn_backend` (default auto): the varlen attention kernel, one of `auto`, `triton`,
   `flash_attn`, `torch_varlen`, `flex`, `sdpa`. Checked at build time against what this machine can run.
+- `compile_layers` (default false): `true` (inductor) or a `torch.compile` backend name runs
+  `PadFreeLlamaForCausalLM.compile_layers`: the decoder layers compiled, dynamic in the token
+  count (with the `triton` kernels all layers and their attention in one graph), and the loss's
+  softmax gradient. Not together with the trainer's `compile_config`, which compiles the whole
+  model, host-side unpadding included.
 - `loss_on_real_tokens_only` (default true): training forwards run the output head only on the
   real tokens that have a target (the chunked head + cross-entropy) and never build `[B,S,V]`
   logits unless a train metric needs them. False also re-pads `[B,S,V]` logits on every training
@@ -72,6 +77,21 @@ _NOT_SUPPORTED = {
 }
 
 
+def _compile_backend(compile_layers: bool | str) -> str | None:
+    """The `torch.compile` backend `compile_layers` names (true: inductor), or None."""
+    if compile_layers is False or compile_layers is None:
+        return None
+    if compile_layers is True:
+        return "inductor"
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(compile_layers, str) or compile_layers not in known:
+        raise ValueError(
+            f"compile_layers={compile_layers!r}: use true (inductor), false, or the name of a torch.compile "
+            "backend, such as inductor or aot_eager."
+        )
+    return compile_layers
+
+
 class ComposerPadFreeCausalLM(ComposerHFCausalLM):
     """`ComposerHFCausalLM` around `PadFreeLlamaForCausalLM`; the YAML keys are in the module docstring.
 
@@ -90,6 +110,7 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
         init_device: str = "cpu",
         config_overrides: dict[str, Any] | None = None,
         attn_backend: str = "auto",
+        compile_layers: bool | str = False,
         loss_on_real_tokens_only: bool = True,
         use_train_metrics: bool = False,
         additional_train_metrics: list[str] | None = None,
@@ -112,6 +133,7 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
                 "use_train_metrics: true, which is false by default here (unlike hf_causal_lm: train metrics "
                 "need the [B,S,V] logits the model otherwise never builds); set use_train_metrics: true."
             )
+        compile_backend = _compile_backend(compile_layers)
         config_overrides = dict(config_overrides or {})
         if "attn_backend" in config_overrides and config_overrides["attn_backend"] != attn_backend:
             raise ValueError(
@@ -138,6 +160,8 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
         )
         # Counted once here: after FSDP wrapping each rank sees only its shard.
         self.num_flop_params = _flop_params(self.model)
+        if compile_backend is not None:
+            self.model.compile_layers(compile_backend)
 
     @classmethod
     def build_config(

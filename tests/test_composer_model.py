@@ -191,6 +191,7 @@ def test_tied_embeddings_count_once(tmp_path):
         ({"additional_train_metrics": ["TokenAccuracy"]}, r"computed only with use_train_metrics: true"),
         ({"peft_config": {"peft_type": "LORA", "r": 8}}, r"peft_config: LoRA/PEFT is not supported"),
         ({"load_in_8bit": True}, r"load_in_8bit: 8-bit loading is not supported"),
+        ({"compile_layers": "indcutor"}, r"compile_layers='indcutor': use true \(inductor\), false, or the name"),
     ],
 )
 def test_bad_options_fail_at_build_time_with_the_fix(model_dir, options, message):
@@ -240,3 +241,20 @@ def test_padding_only_logits_have_the_vocabulary_size_whatever_the_head_shard(mo
     batch = collate([packed_row([], seed) for seed in (0, 1)])
     monkeypatch.setattr(model.model, "get_output_embeddings", lambda: SimpleNamespace(weight=torch.zeros(7)))
     assert model(batch).logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
+
+
+def test_compile_layers_option_compiles_the_layers_and_trains_as_eager(model_dir):
+    torch._dynamo.reset()
+    batch = packed_batch()
+    results = []
+    for compile_layers in (False, "aot_eager"):
+        model = composer_model(model_dir, compile_layers=compile_layers)
+        assert model.model.model.compile_backend == (compile_layers or None)
+        loss = model.loss(model(batch), batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (c_loss, c_grads) = results
+    torch.testing.assert_close(c_loss, loss, atol=1e-6, rtol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(c_grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    assert composer_model(model_dir, compile_layers=True).model.model.compile_backend == "inductor"
