@@ -23,8 +23,9 @@ instead unless they ask for nothing: `peft_config: null`, `load_in_8bit: false`)
 - `compile_layers` (default false): `true` (inductor) or a `torch.compile` backend name runs
   `PadFreeLlamaForCausalLM.compile_layers`: the decoder layers compiled, dynamic in the token
   count (with the `triton` kernels all layers and their attention in one graph), and the loss's
-  softmax gradient. Not together with the trainer's `compile_config`, which compiles the whole
-  model, host-side unpadding included.
+  softmax gradient. Layers in FSDP's or activation checkpointing's wrappers compile one by one.
+  Not together with the trainer's `compile_config`, which compiles the whole model, host-side
+  unpadding included.
 - `loss_on_real_tokens_only` (default true): training forwards run the output head only on the
   real tokens that have a target (the chunked head + cross-entropy) and never build `[B,S,V]`
   logits unless a train metric needs them. False also re-pads `[B,S,V]` logits on every training
