@@ -436,7 +436,8 @@ class PadFreeAudit(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if not _due(state, self.interval, batch_finished=True):  # the same batches on every rank
             return
-        problems, self._batch_problems = self._batch_problems, []
+        # Each microbatch's forward is checked; a problem of the batch shows once.
+        problems, self._batch_problems = list(dict.fromkeys(self._batch_problems)), []
         with _ProbeClock.measure(state):
             per_rank, _ = _across_ranks(state, len(problems))
         failed_ranks = [r for r, n in enumerate(per_rank) if n]
@@ -652,7 +653,7 @@ class PadFreeIsolation(Callback):
     def __init__(self, interval: int = 500, strict: bool = False, atol: float = 0.0, max_rows: int = 2):
         self.interval = _interval(interval, "padfree_isolation")
         self.strict, self.atol, self.max_rows = strict, float(atol), _max_rows(max_rows, "padfree_isolation")
-        self.summary: dict[str, float] = {"probes": 0}
+        self.summary: dict[str, float] = {"probes": 0, "probes_failed": 0}
         self._warned_unpacked = False
 
     def init(self, state: State, logger: Logger) -> None:
@@ -707,6 +708,7 @@ class PadFreeIsolation(Callback):
         per_rank, (other_diff_all,) = _across_ranks(state, len(problems), (other_diff,))
         failed_ranks = [r for r, n in enumerate(per_rank) if n]
         self.summary["probes"] += 1
+        self.summary["probes_failed"] += bool(failed_ranks)
         metrics = {
             "padfree/isolation/passed": float(not failed_ranks),
             "padfree/isolation/max_abs_diff_other_docs": other_diff_all,
@@ -756,7 +758,7 @@ class PadFreeParity(Callback):
         self.interval = _interval(interval, "padfree_parity")
         self.strict, self.max_rows = strict, _max_rows(max_rows, "padfree_parity")
         self.loss_atol, self.logits_rtol = loss_atol, logits_rtol
-        self.summary: dict[str, float] = {"probes": 0}
+        self.summary: dict[str, float] = {"probes": 0, "probes_failed": 0}
         self._reference: nn.Module | None = None
 
     def init(self, state: State, logger: Logger) -> None:
@@ -797,6 +799,7 @@ class PadFreeParity(Callback):
         per_rank, maxima = _across_ranks(state, len(problems), (loss_diff, logits_diff, logits_rel))
         failed_ranks = [r for r, n in enumerate(per_rank) if n]
         self.summary["probes"] += 1
+        self.summary["probes_failed"] += bool(failed_ranks)
         metrics = {
             "padfree/parity/passed": float(not failed_ranks),
             "padfree/parity/loss_padfree": loss_ours,

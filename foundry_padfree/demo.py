@@ -233,8 +233,10 @@ def report(trainer: Any, export: dict, prepared: dict) -> tuple[str, bool]:
     checks = {
         "loss went down": loss_down,
         "audit": audit is not None and audit.summary["forwards_audited"] > 0 and audit.summary["checks_failed"] == 0,
-        "isolation": isolation is not None and isolation.summary.get("passed") == 1.0,
-        "parity": parity is not None and parity.summary.get("passed") == 1.0,
+        "isolation": isolation is not None
+        and isolation.summary["probes"] > 0
+        and not isolation.summary["probes_failed"],
+        "parity": parity is not None and parity.summary["probes"] > 0 and not parity.summary["probes_failed"],
         "stock HF loads the checkpoint": export["class"] == "LlamaForCausalLM" and export["model_type"] == "llama",
         # fp32 forwards on both sides, as padfree_parity judges them (TF32 products on a GPU).
         "stock HF logits match": export["logits_max_rel_diff"] <= default_parity_tolerance(Precision.FP32, on_gpu),
@@ -257,7 +259,8 @@ def report(trainer: Any, export: dict, prepared: dict) -> tuple[str, bool]:
         f"{audit.summary['checks_failed']} failed checks (one unpad per forward; varlen kernel in "
         f"{audit.summary.get('varlen_layers', 0):.0f}/{audit.summary.get('num_layers', 0):.0f} layers, one "
         f"metadata object)   [{_mark(checks['audit'])}]",
-        f"isolation       {isolation.summary['probes']} probes, max |delta logits| of other documents "
+        f"isolation       {isolation.summary['probes']} probes ({isolation.summary['probes_failed']} failed), last: "
+        f"max |delta logits| of other documents "
         f"{isolation.summary.get('max_abs_diff_other_docs', float('nan')):.3g} "
         f"(perturbed document: {isolation.summary.get('max_abs_diff_perturbed_doc', float('nan')):.3g})   "
         f"[{_mark(checks['isolation'])}]",

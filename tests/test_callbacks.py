@@ -385,3 +385,15 @@ def test_audit_puts_back_what_it_wrapped_and_is_one_per_run(model_dir):
     assert "attention_backend" not in vars(decoder) and modeling.unpad is unpad
     with pytest.raises(ValueError, match=r"2 padfree_audit callbacks in one run; keep one"):
         fit(composer_model(model_dir), [PadFreeAudit(interval=1), PadFreeAudit(interval=2)], batches=1)
+
+
+def test_failed_probes_are_counted_and_a_batchs_problem_shows_once(model_dir, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "sdpa", Backend("sdpa", leaky_attend))
+    probes = [PadFreeIsolation(interval=1), PadFreeParity(interval=1)]
+    fit(composer_model(model_dir), probes, batches=2)
+    assert [(p.summary["probes"], p.summary["probes_failed"]) for p in probes] == [(2, 2), (2, 2)]
+
+    monkeypatch.setattr(cb, "_check_forward", lambda state, record, docs: (["the same problem"], 2))
+    trainer = fit(composer_model(model_dir), [PadFreeAudit(interval=1)], batches=1, microbatch=2)
+    assert logged(trainer, "padfree/audit/forwards_audited") == [1.0, 2.0]  # two microbatches
+    assert logged(trainer, "padfree/audit/checks_failed") == [1.0]
