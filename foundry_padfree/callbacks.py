@@ -596,7 +596,7 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
         return compiled_recorded
 
     def counting_unpad(*args: Any, **kwargs: Any) -> Unpadded:
-        out = original_unpad(*args, **kwargs)
+        out = originals["unpad"](*args, **kwargs)
         record.unpads.append(out)
         return out
 
@@ -607,7 +607,6 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
         "_compiled_stack": recording_compiled(modeling._compiled_stack, stack=True),
         "_compiled_layer": recording_compiled(modeling._compiled_layer, stack=False),
     }
-    original_unpad = modeling.unpad
     originals = {name: getattr(modeling, name) for name in patched}
     # An instance attribute the user set (a wrapper) is put back after; otherwise the class's method.
     saved = [(d, name, vars(d).get(name)) for d in decoders for name in ("forward_tokens", "attention_backend")]
