@@ -69,6 +69,7 @@ from torch import Tensor, nn
 import foundry_padfree.modeling as modeling
 from foundry_padfree.attention import BACKENDS
 from foundry_padfree.composer_model import ComposerPadFreeCausalLM, padding_only
+from foundry_padfree.loss import linear_dtype
 from foundry_padfree.varlen import IGNORE_INDEX, Unpadded
 
 log = logging.getLogger(__name__)
@@ -581,9 +582,7 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
                      *rest: Any) -> Tensor:  # fmt: skip
                 name = next((b.name for b in BACKENDS.values() if b.traceable is attend), repr(attend))
                 meta = next((m for m in record.prepared if m.attn_extra is attn_extra), None)
-                device_type = x_TD.device.type
-                autocast = torch.is_autocast_enabled(device_type)
-                dtype = torch.get_autocast_dtype(device_type) if autocast else x_TD.dtype  # as `_autocast_dtype`
+                dtype = linear_dtype(x_TD.device.type, x_TD.dtype)  # what `_autocast_dtype` casts q to
                 for layer in layers if stack else [layers]:
                     index = layer.self_attn.layer_idx
                     if stack:  # no pre-hook fires inside the stack's graph

@@ -618,8 +618,12 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         # The stack's graph reads each layer's weights itself, so only bare layers go in: a wrapper
         # (FSDP's, which gathers the weights as the layer is called; activation checkpointing's) or
         # FSDP2's class must be called, and such layers run as compiled layers one by one.
-        bare = all(type(layer) is PadFreeDecoderLayer for layer in self.layers)
-        if self.compile_backend is not None and backend.traceable is not None and not checkpointing and bare:
+        if (
+            self.compile_backend is not None
+            and backend.traceable is not None
+            and not checkpointing
+            and all(type(layer) is PadFreeDecoderLayer for layer in self.layers)
+        ):
             # Every layer in one graph, attention included: the least host work per step.
             _mark_dynamic(x_TD, *rope, meta.attn_extra)
             x_TD = _compiled_stack(self.compile_backend)(self.layers, x_TD, *rope, meta.attn_extra, backend.traceable)
