@@ -24,13 +24,14 @@ the run is a multiple of it, the first batch of a run from scratch included):
 - `padfree_audit` checks a due batch and the training forward that runs on it: document
   boundaries, positions and labels are consistent (and `loss_generating_tokens`/`total_tokens`,
   which Composer uses to weigh microbatches and count tokens/s, match what the model does); the
-  model unpadded exactly once; the embedding saw `[T]` real-token ids; every layer's attention
-  ran the varlen kernel once, on `[T,...]` tokens, with the very same `cu_seqlens` tensor that
-  the one unpad built; documents, positions and the number of loss targets are the ones the batch
-  describes. The forward is observed with hooks installed for that forward only; layers compiled
-  by `compile_layers` are observed at their compiled calls. LLM-Foundry's own `text` collator
-  counts the labels at document starts in `loss_generating_tokens`, which the model accounts for;
-  they are logged (`boundary_targets_counted`), not failed.
+  model unpadded exactly once; the embedding saw the batch's `[T]` real-token ids (compared by
+  value); every layer's attention ran the varlen kernel once, on `[T,...]` tokens, with the very
+  same `cu_seqlens` tensor that the one unpad built; documents, positions and the number of loss
+  targets are the ones the batch describes. The forward is observed with hooks installed for that
+  forward only; layers compiled by `compile_layers` are observed at their compiled calls.
+  LLM-Foundry's own `text` collator counts the labels at document starts in
+  `loss_generating_tokens`, which the model accounts for; they are logged
+  (`boundary_targets_counted`), not failed.
 - `padfree_isolation` perturbs the tokens of one document of a live batch (the first of the row
   with the most documents, so later documents of the same row are downstream of it) and compares
   every other document's logits: max |delta| must be <= `atol` (exactly 0 with deterministic
@@ -105,6 +106,7 @@ class BatchDocs:
     docs: list[Document]
     shape: tuple[int, int]
     problems: list[str] = field(default_factory=list)
+    token_ids: np.ndarray | None = None  # (T,) the documents' token ids, in row-major order
     targets_per_row: list[int] | None = None  # next-token targets inside documents, when labels exist
     # Labels at document starts after a row's first column that `loss_generating_tokens` counts, as
     # LLM-Foundry's `text` collator does (`labels[:, 1:] != -100`): targets across a boundary,
@@ -218,7 +220,8 @@ def read_batch(batch: Mapping[str, Any]) -> BatchDocs:
             if int(given) != int(real_per_row[r]):
                 problems.append(f"total_tokens[{r}] = {int(given)} but row {r} has {int(real_per_row[r])} real tokens")
                 break
-    return BatchDocs(docs, (B, S), problems, targets_per_row, boundary_counted)
+    token_ids = np.concatenate([host["input_ids"][d.row, d.start : d.end] for d in docs]) if docs else None
+    return BatchDocs(docs, (B, S), problems, token_ids, targets_per_row, boundary_counted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +358,7 @@ def _across_ranks(state: State, failures: int, maxima: tuple[float, ...] = ()) -
 @dataclass
 class _ForwardRecord:
     unpads: list[Unpadded] = field(default_factory=list)
-    embed_inputs: list[tuple[int, ...]] = field(default_factory=list)
+    embed_inputs: list[Tensor] = field(default_factory=list)  # the token ids the embedding got
     layer_inputs: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, x shape)
     # layer, backend, meta (None: not one the forward's backend prepared), q's shape and dtype
     attends: list[tuple[int, str, Any, tuple[int, ...], torch.dtype]] = field(default_factory=list)
@@ -469,8 +472,11 @@ def _check_forward(state: State, record: _ForwardRecord, docs: BatchDocs) -> tup
     problems = []
     if len(record.unpads) != 1:
         problems.append(f"the forward unpadded {len(record.unpads)} times; it must unpad exactly once")
-    if record.embed_inputs != [(T,)]:
-        problems.append(f"the embedding saw inputs of shapes {record.embed_inputs}; expected one [T] = [{T}] call")
+    embed_shapes = [tuple(ids.shape) for ids in record.embed_inputs]
+    if embed_shapes != [(T,)]:
+        problems.append(f"the embedding saw inputs of shapes {embed_shapes}; expected one [T] = [{T}] call")
+    elif docs.token_ids is not None and not np.array_equal(record.embed_inputs[0].cpu().numpy(), docs.token_ids):
+        problems.append("the embedding's [T] token ids are not the batch's real tokens in row-major order")
     layers_seen = [layer for layer, _ in record.layer_inputs]
     if sorted(layers_seen) != list(range(L)):
         problems.append(f"decoder layers ran as {layers_seen}; expected each of the {L} layers once")
@@ -539,7 +545,7 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
 
     def recording(forward_tokens: Callable[..., Tensor]) -> Callable[..., Tensor]:
         def forward_tokens_recorded(input_ids_T: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            record.embed_inputs.append(tuple(input_ids_T.shape))
+            record.embed_inputs.append(input_ids_T.detach())
             return forward_tokens(input_ids_T, *args, **kwargs)
 
         return forward_tokens_recorded
@@ -727,8 +733,8 @@ class PadFreeParity(Callback):
     """Compare the model on a live batch with stock HF `LlamaForCausalLM` on the padded layout.
 
     The reference gets the model's current weights (gathered in full under FSDP) and one document
-    per right-padded row; both run under the training precision. It is a full fp32 copy of the
-    model, on the training device only during a probe and in host memory between probes.
+    per right-padded row; both run under the training precision. It holds a full copy of the
+    weights, on the training device, only during a probe: between probes its parameters are empty.
 
     Args:
         interval: compare every `interval`-th batch, from the first.
@@ -825,8 +831,8 @@ class PadFreeParity(Callback):
                 ours = state.model(probe)
                 ref = reference(**padded)
         finally:
-            if self._reference is not None:  # between probes it waits in host memory, not the device's
-                self._reference.to("cpu")
+            if self._reference is not None:
+                _release_parameters(self._reference)
         real_BS = torch.zeros(ours.logits.shape[:2], dtype=torch.bool, device=ours.logits.device)
         for d in probe_docs:
             real_BS[d.row, d.start : d.end] = True
@@ -842,22 +848,32 @@ class PadFreeParity(Callback):
         model = _composer_model(state)
         with _full_parameters(state.model):
             params = {_clean_name(n): p for n, p in model.model.named_parameters()}
+            device = next(iter(params.values())).device
             if self._reference is None:
                 config = model.config.to_llama_config()
                 # Stock HF attention on padded rows: the reference path, not our kernels. Built on
                 # the CPU with the CPU generator restored after, so its (overwritten) random init
                 # leaves the training run's random stream untouched.
                 with torch.random.fork_rng(devices=[]):
-                    self._reference = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
-            self._reference.to(next(iter(params.values())).device)
+                    self._reference = LlamaForCausalLM._from_config(
+                        config, attn_implementation="sdpa", torch_dtype=torch.float32
+                    ).eval()
+                _release_parameters(self._reference)
             ref_params = dict(self._reference.named_parameters())
             missing = sorted(set(ref_params) - set(params))
             if missing:
                 raise RuntimeError(f"padfree_parity: the model has no parameters for reference weights {missing[:5]}")
-            with torch.no_grad():
+            with torch.no_grad():  # the current weights, copied once: straight to the device, in the reference's dtype
                 for name, p in ref_params.items():
-                    p.copy_(params[name])
+                    p.data = params[name].detach().to(device=device, dtype=p.dtype, copy=True)
+            self._reference.to(device)  # its buffers (RoPE's inverse frequencies)
         return self._reference
+
+
+def _release_parameters(module: nn.Module) -> None:
+    """Free a module's parameter storage, keeping their dtypes (and any ties between them)."""
+    for p in module.parameters():
+        p.data = torch.empty(0, dtype=p.dtype)
 
 
 def default_parity_tolerance(precision: Precision, on_gpu: bool, weights_dtype: torch.dtype = torch.float32) -> float:

@@ -75,6 +75,9 @@ def test_all_pass_on_padfree_training_with_microbatches(model_dir):
     assert max(logged(trainer, "padfree/parity/loss_abs_diff")) < 1e-5
     assert max(logged(trainer, "padfree/parity/logits_max_rel_diff")) < 1e-5
     assert logged(trainer, "padfree/parity/documents") == [7.0, 5.0]  # rows 3+0, then rows 6+4
+    # The stock HF reference got each probe's current weights and holds none between probes.
+    parity = next(c for c in trainer.state.callbacks if isinstance(c, PadFreeParity))
+    assert all(p.numel() == 0 for p in parity._reference.parameters())
 
 
 def test_isolation_says_when_no_row_was_packed(model_dir, caplog):
@@ -186,6 +189,20 @@ def test_audit_fails_on_a_second_unpad(model_dir):
     decoder.forward_tokens = unpads_again
     with pytest.raises(PadFreeCheckError, match=r"the forward unpadded 2 times; it must unpad exactly once"):
         fit(model, [PadFreeAudit(interval=1, strict=True)], batches=1)
+
+
+def test_audit_fails_when_the_embedding_gets_other_ids(model_dir, monkeypatch):
+    # An unpad that gathered the wrong ids (here: the right ones, reversed) gives the embedding
+    # [T] ids of the right shape; the audit compares them with the batch's real tokens.
+    unpad = modeling.unpad
+
+    def unpad_reversed(*args, **kwargs):
+        out = unpad(*args, **kwargs)
+        return out._replace(input_ids_T=out.input_ids_T.flip(0))
+
+    monkeypatch.setattr(modeling, "unpad", unpad_reversed)
+    with pytest.raises(PadFreeCheckError, match=r"the embedding's \[T\] token ids are not the batch's real tokens"):
+        fit(composer_model(model_dir), [PadFreeAudit(interval=1, strict=True)], batches=1)
 
 
 def test_audit_fails_on_wrong_loss_token_counts(model_dir, monkeypatch):
