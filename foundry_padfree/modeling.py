@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPas
 
 from foundry_padfree import kernels
 from foundry_padfree.attention import Backend, resolve_backend
-from foundry_padfree.config import PadFreeLlamaConfig
+from foundry_padfree.config import ATTN_BACKENDS, PadFreeLlamaConfig
 from foundry_padfree.loss import DeferredHeadGrad, linear_cross_entropy, linear_dtype, module_cross_entropy
 from foundry_padfree.varlen import VarlenMeta, unpad
 
@@ -141,8 +141,10 @@ def _head_dim(config: PadFreeLlamaConfig) -> int:
 
 
 class PadFreeAttention(nn.Module):
-    """The four attention projections. The kernel call sits in `PadFreeDecoderLayer.forward`, between
-    `project` and `o_proj`, so that everything dense on either side of it can compile as one graph."""
+    """The four attention projections around the varlen kernel. The layer runs the pieces itself
+    (`project`, the kernel, `o_proj`), so that everything dense on either side of the kernel can
+    fuse or compile with its neighbours; it calls this module (`forward`) only when a hook or a
+    replaced `forward` sits on it, so that those run as they would in stock Llama."""
 
     def __init__(self, config: PadFreeLlamaConfig, layer_idx: int):
         super().__init__()
@@ -158,6 +160,14 @@ class PadFreeAttention(nn.Module):
         self.k_proj = nn.Linear(D, self.num_kv_heads * H, bias=bias)
         self.v_proj = nn.Linear(D, self.num_kv_heads * H, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * H, D, bias=bias)
+
+    def forward(
+        self, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor, meta: VarlenMeta, backend: Backend
+    ) -> tuple[Tensor, None]:
+        """Attention of the normed packed tokens: (T,D) -> (the output projection's (T,D), None), a
+        pair as stock `LlamaAttention` returns (output, attention weights, which never exist here)."""
+        q_TNH, k_TKH, v_TKH = _autocast_dtype(*self.project(x_TD, cos_TH, sin_TH))
+        return self.o_proj(backend.attend(q_TNH, k_TKH, v_TKH, meta, self.scaling).flatten(1)), None
 
     def project(self, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries and keys with RoPE applied, and values: (T,N,H), (T,K,H), (T,K,H)."""
@@ -306,6 +316,18 @@ def _plain(module: nn.Module, cls: type[nn.Module]) -> bool:
     )
 
 
+def _hooked(layer: PadFreeDecoderLayer) -> bool:
+    """Whether the block's attention, MLP or norms is not its plain self (`_plain`: a hook, a
+    replaced `forward`, another module in its place). The block then calls each of them as a
+    module, eagerly (`_module_layer`): fused kernels and compiled graphs would run past them."""
+    return not (
+        _plain(layer.self_attn, PadFreeAttention)
+        and _plain(layer.mlp, PadFreeMLP)
+        and _plain(layer.input_layernorm, PadFreeRMSNorm)
+        and _plain(layer.post_attention_layernorm, PadFreeRMSNorm)
+    )
+
+
 def _folds(layer: PadFreeDecoderLayer, x_TD: Tensor) -> bool:
     """Whether `_folded_layer` may run the block: fused kernels on (`config.fused_kernels`), in eager
     code (`torch.compile` fuses on its own), the residual stream and the products in one dtype
@@ -357,6 +379,8 @@ class PadFreeDecoderLayer(nn.Module):
     backend whose attention is `traceable` from tensors alone compiles as one call instead
     (`PadFreeLlamaModel.compile_layers`). Run eagerly where `_folds` allows (Llama's bare
     projections, fused kernels on), the block is `_folded_layer`: the same result in fewer passes.
+    With a hook (or another module) on its attention, MLP or a norm, the block calls each of them
+    as a module, eagerly, as stock Llama does (`_module_layer`); they see packed `[T,D]` tensors.
     """
 
     def __init__(self, config: PadFreeLlamaConfig, layer_idx: int):
@@ -368,6 +392,8 @@ class PadFreeDecoderLayer(nn.Module):
         self.compile_backend: str | None = None  # set by compile_regions; None runs eagerly
 
     def forward(self, x_TD: Tensor, meta: VarlenMeta, rope: tuple[Tensor, Tensor], backend: Backend) -> Tensor:
+        if _hooked(self):
+            return _module_layer(self, x_TD, meta, rope, backend)
         attention_inputs, attention_output_and_mlp = _attention_inputs, _attention_output_and_mlp
         if self.compile_backend is not None and backend.traceable is not None:  # one graph, attention inside
             _mark_dynamic(x_TD, *rope, meta.attn_extra)
@@ -398,6 +424,14 @@ def _autocast_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) for t in tensors)
+
+
+def _module_layer(
+    layer: PadFreeDecoderLayer, x_TD: Tensor, meta: VarlenMeta, rope: tuple[Tensor, Tensor], backend: Backend
+) -> Tensor:
+    """The block with its attention, MLP and norms each called as a module, hooks included."""
+    x_TD = x_TD + layer.self_attn(layer.input_layernorm(x_TD), *rope, meta, backend)[0]
+    return x_TD + layer.mlp(layer.post_attention_layernorm(x_TD))
 
 
 def _attention_inputs(layer: PadFreeDecoderLayer, x_TD: Tensor, cos_TH: Tensor, sin_TH: Tensor):
@@ -520,6 +554,37 @@ class _TiedEmbedding(torch.autograd.Function):
         return None, grad_w, None, None
 
 
+# HF's `attn_implementation` values in this model's terms: its varlen kernel is `config.attn_backend`
+# (None: HF's default kernels, for which `auto` stands here).
+_HF_ATTN_IMPLEMENTATIONS = {
+    "eager": None,
+    "sdpa": None,
+    "flash_attention_2": "flash_attn",
+    "flash_attention_3": "flash_attn",
+    "flex_attention": "flex",
+}
+
+
+def _adopt_attn_implementation(config: PadFreeLlamaConfig, requested: Any) -> None:
+    """Set `config.attn_backend` from HF's `attn_implementation` (None: not given), or refuse it."""
+    if requested is None:
+        return
+    if requested not in _HF_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={requested!r}: PadFreeLlamaForCausalLM runs its own varlen kernels, chosen by "
+            f"attn_backend (one of {', '.join(ATTN_BACKENDS)}); pass attn_backend=... instead, or one of "
+            f"{', '.join(_HF_ATTN_IMPLEMENTATIONS)}."
+        )
+    backend = _HF_ATTN_IMPLEMENTATIONS[requested]
+    if backend is not None and config.attn_backend not in ("auto", backend):
+        raise ValueError(
+            f"attn_implementation={requested!r} and attn_backend={config.attn_backend!r} name different kernels; "
+            "pass only one of them."
+        )
+    if backend is not None:
+        config.attn_backend = backend
+
+
 class PadFreePreTrainedModel(PreTrainedModel):
     config_class = PadFreeLlamaConfig
     base_model_prefix = "model"
@@ -527,10 +592,27 @@ class PadFreePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["PadFreeDecoderLayer"]
 
     def __init__(self, config: PadFreeLlamaConfig, *args: Any, **kwargs: Any):
+        if not isinstance(config, PadFreeLlamaConfig):  # a stock LlamaConfig, as for LlamaForCausalLM(config)
+            config = PadFreeLlamaConfig.from_llama_config(config)
         # Checked again here: `from_pretrained(path, field=value)` sets its overrides on the config
         # after the config's own check.
         config.validate_padfree()
         super().__init__(config, *args, **kwargs)
+
+    @classmethod
+    def _autoset_attn_implementation(cls, config: Any, use_flash_attention_2: bool = False, *args: Any, **kwargs: Any):
+        """HF's choice of attention kernel (transformers 4.x): `attn_implementation="flash_attention_2"`
+        (or `use_flash_attention_2`) and `"flex_attention"` select `attn_backend`; `"sdpa"` and
+        `"eager"` leave it as it is; anything else is refused, naming `attn_backend`."""
+        requested = getattr(config, "_attn_implementation_internal", None)
+        _adopt_attn_implementation(config, "flash_attention_2" if use_flash_attention_2 else requested)
+        config._attn_implementation = "eager"  # what HF code outside the model may read: no HF kernel runs
+        return config
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation: Any, *args: Any, **kwargs: Any) -> str:
+        """The same for transformers 5.x, which asks the model instead."""
+        _adopt_attn_implementation(self.config, attn_implementation)
+        return "eager"
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -554,6 +636,7 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
 
     def __init__(self, config: PadFreeLlamaConfig):
         super().__init__(config)
+        config = self.config  # converted from a stock LlamaConfig, if that is what was given
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(PadFreeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -622,7 +705,7 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
             self.compile_backend is not None
             and backend.traceable is not None
             and not checkpointing
-            and all(type(layer) is PadFreeDecoderLayer for layer in self.layers)
+            and all(type(layer) is PadFreeDecoderLayer and not _hooked(layer) for layer in self.layers)
         ):
             # Every layer in one graph, attention included: the least host work per step.
             _mark_dynamic(x_TD, *rope, meta.attn_extra)
@@ -637,13 +720,19 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         sequence_id: Tensor | None = None,
         return_dict: bool | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        **hf_kwargs: Any,
     ) -> BaseModelOutput | tuple[Tensor]:
-        """HF `LlamaModel` interface: `[B,S]` in, `[B,S,D]` last hidden state out (zeros at padding)."""
+        """HF `LlamaModel` interface: `[B,S]` in, `[B,S,D]` last hidden state out (zeros at padding).
+        HF arguments it does not implement raise, as `PadFreeLlamaForCausalLM.forward`'s do."""
+        _check_hf_kwargs(hf_kwargs, past_key_values, position_ids is not None, self.config, type(self).__name__)
+        _require_input_ids(input_ids)
         with torch.no_grad():
             batch = unpad(input_ids, attention_mask, sequence_id, position_ids, device=self.embed_tokens.weight.device)
         _warn_past_max_positions(batch.meta, self.config.max_position_embeddings)
@@ -675,7 +764,9 @@ _NO_OP_HF_KWARGS = ("cache_position",)
 _FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _check_hf_kwargs(hf_kwargs: dict[str, Any], past_key_values: Any, packed: bool, config: PadFreeLlamaConfig) -> None:
+def _check_hf_kwargs(
+    hf_kwargs: dict[str, Any], past_key_values: Any, packed: bool, config: PadFreeLlamaConfig, model: str
+) -> None:
     """Refuse every HF argument that would change the result and that the model does not implement,
     instead of ignoring it: unset (None or False) is the only accepted value. As in HF, the config's
     `output_attentions` and `output_hidden_states` are those arguments' defaults."""
@@ -698,7 +789,12 @@ def _check_hf_kwargs(hf_kwargs: dict[str, Any], past_key_values: Any, packed: bo
            for k in _FLASH_KWARGS},
     }  # fmt: skip
     details = "; ".join(f"{k}: {hints[k]}" if k in hints else k for k in given)
-    raise ValueError(f"PadFreeLlamaForCausalLM.forward does not support {', '.join(given)} ({details}).")
+    raise ValueError(f"{model}.forward does not support {', '.join(given)} ({details}).")
+
+
+def _require_input_ids(input_ids: Tensor | None) -> None:
+    if input_ids is None:
+        raise ValueError("input_ids is required: the model embeds token ids itself (inputs_embeds are not supported).")
 
 
 @dataclass
@@ -715,6 +811,7 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
 
     def __init__(self, config: PadFreeLlamaConfig):
         super().__init__(config)
+        config = self.config  # converted from a stock LlamaConfig, if that is what was given
         self.model = PadFreeLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -737,7 +834,7 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         sequence_id: Tensor | None = None,
@@ -778,7 +875,8 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         """
         if "num_logits_to_keep" in hf_kwargs and not logits_to_keep:  # HF's old name, which 4.51 still renames
             logits_to_keep = hf_kwargs.pop("num_logits_to_keep")
-        _check_hf_kwargs(hf_kwargs, past_key_values, packed=position_ids is not None, config=self.config)
+        _check_hf_kwargs(hf_kwargs, past_key_values, position_ids is not None, self.config, type(self).__name__)
+        _require_input_ids(input_ids)
         if num_items_in_batch is not None and loss_reduction != "mean":
             raise ValueError(
                 f"num_items_in_batch={num_items_in_batch} with loss_reduction={loss_reduction!r}: the loss is "
@@ -858,6 +956,13 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         # No KV cache: every step runs the whole (unpadded) prefix; positions follow attention_mask.
+        if attention_mask is not None and (attention_mask[:, :-1].bool() & ~attention_mask[:, 1:].bool()).any():
+            row = int((attention_mask[:, :-1].bool() & ~attention_mask[:, 1:].bool()).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"generate() got row {row} with padding after its real tokens (attention_mask "
+                f"{attention_mask[row].tolist()}); new tokens go after the last column, so pad prompts on the left "
+                "(tokenizer.padding_side = 'left'), as for stock Llama."
+            )
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "logits_to_keep" in kwargs:  # generation reads the last position only
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]

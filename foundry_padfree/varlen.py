@@ -21,11 +21,14 @@ real tokens and the metadata are copied to the GPU, without waiting for the work
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -179,6 +182,8 @@ def unpad(
     flags = flags_BS.cpu().numpy()  # the one device-to-host sync of a forward
     real = (flags & _REAL).astype(bool)
     _check_rows(real, flags, position_ids, labels, vocab_size)
+    if labels is not None:
+        _warn_if_labels_outside_documents(real, flags)
 
     indices = np.flatnonzero(real)
     T = len(indices)
@@ -345,6 +350,38 @@ def _check_rows(
             f"labels[{r}, {c}] = {value} is neither a token id in [0, vocab_size={vocab_size}) nor "
             f"IGNORE_INDEX ({IGNORE_INDEX}); mark tokens without a target with {IGNORE_INDEX}."
         )
+
+
+def _warn_if_labels_outside_documents(real: np.ndarray, flags: np.ndarray) -> None:
+    """Warn (once per kind) about labels that no token of their document predicts: on padding, or
+    on the first real token of a left-padded row. Stock Llama shifts labels along the padded row
+    and trains on them from the padding position before; here they are not targets."""
+    supervised = (flags & _SUPERVISED).astype(bool)
+    on_padding = np.argwhere(supervised & ~real)
+    first = real.argmax(axis=1)
+    left_padded = np.flatnonzero(real.any(axis=1) & (first > 0))
+    after_padding = left_padded[supervised[left_padded, first[left_padded]]]
+    if len(on_padding):
+        r, c = (int(v) for v in on_padding[0])
+        _warn_once("labels on padding", f"labels[{r}, {c}] is on padding and is not {IGNORE_INDEX}: padding is no "
+                   f"document's token, so no loss is taken on it here, while stock LlamaForCausalLM (which shifts "
+                   f"labels along the padded row) trains on it. Set labels to {IGNORE_INDEX} on padding "
+                   f"(labels[attention_mask == 0] = {IGNORE_INDEX}) to get stock Llama's loss exactly.")  # fmt: skip
+    if len(after_padding):
+        r = int(after_padding[0])
+        _warn_once("labels after left padding", f"labels[{r}, {int(first[r])}], on the first real token of "
+                   f"left-padded row {r}, is not {IGNORE_INDEX}: no token of its document comes before it, so it "
+                   f"is not a target here, while stock LlamaForCausalLM trains on it from the padding position "
+                   f"before it. Set it to {IGNORE_INDEX} to get stock Llama's loss exactly.")  # fmt: skip
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(kind: str, message: str) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        log.warning("%s (Given once per process.)", message)
 
 
 def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:

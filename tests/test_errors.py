@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from foundry_padfree import PadFreeLlamaConfig, PadFreeLlamaForCausalLM, attention
+from foundry_padfree import PadFreeLlamaConfig, PadFreeLlamaForCausalLM, attention, varlen
 from tests.conftest import tiny_config, tiny_model
 
 
@@ -194,6 +196,48 @@ def test_empty_batch(model):
 def test_hf_arguments_the_model_does_not_implement_are_refused(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         model(torch.randint(3, 97, (1, 4)), **kwargs)
+
+
+def test_inputs_embeds_alone_and_the_decoders_hf_arguments_are_refused(model):
+    # Without input_ids (inputs_embeds only), and on the decoder (`model.model`), as on the LM.
+    with pytest.raises(ValueError, match=r"PadFreeLlamaForCausalLM.forward does not support inputs_embeds"):
+        model(inputs_embeds=torch.zeros(1, 4, 32))
+    with pytest.raises(ValueError, match=r"input_ids is required"):
+        model()
+    with pytest.raises(ValueError, match=r"PadFreeLlamaModel.forward does not support inputs_embeds"):
+        model.model(inputs_embeds=torch.zeros(1, 4, 32))
+    with pytest.raises(ValueError, match=r"PadFreeLlamaModel.forward does not support output_hidden_states"):
+        model.model(torch.randint(3, 97, (1, 4)), output_hidden_states=True)
+
+
+def test_generate_on_right_padded_prompts_names_left_padding(model):
+    ids = torch.randint(3, 97, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match=r"row 1 with padding after its real tokens.*padding_side = 'left'"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_labels_outside_documents_are_warned_about(side, caplog, monkeypatch):
+    # Stock Llama trains on labels at padding (labels=input_ids with padding) and, after left
+    # padding, on the first real token from the pad position before it; here neither is a target.
+    monkeypatch.setattr(varlen, "_warned", set())
+    model = tiny_model()
+    ids = torch.randint(3, 97, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0 if side == "left" else 1
+    mask[1, 4:] = 0 if side == "right" else 1
+    clean = ids.masked_fill(mask == 0, -100)
+    if side == "left":
+        clean[1, 2] = -100
+    with caplog.at_level("WARNING", logger="foundry_padfree.varlen"):
+        model(ids, attention_mask=mask, labels=clean)
+        assert not caplog.records
+        model(ids, attention_mask=mask, labels=ids)
+        model(ids, attention_mask=mask, labels=ids)
+    expected = r"labels\[1, 4\] is on padding" if side == "right" else r"labels\[1, 0\] is on padding"
+    assert len(caplog.records) == 1 + (side == "left")  # once per kind; left: also the first real token's
+    assert any(re.search(expected, r.getMessage()) for r in caplog.records)
 
 
 def test_hf_arguments_that_change_nothing_are_accepted(model):

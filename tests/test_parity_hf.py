@@ -274,6 +274,29 @@ def test_forward_hooks_on_submodules_run_as_in_hf(fused_kernels):
     assert_same_grads(model, hf)
 
 
+def _scale_first_output(module, args, output):
+    return (output[0] * 1.5, *output[1:]) if isinstance(output, tuple) else output * 1.5
+
+
+@pytest.mark.parametrize("fused_kernels", [True, False], ids=["fused", "unfused"])
+def test_hooks_on_the_blocks_attention_mlp_and_norms_run_as_in_hf(fused_kernels):
+    # Steering and ablation hooks sit on whole blocks' parts: the attention module (whose output
+    # is a pair, as stock LlamaAttention's), the MLP and the norms; each must run and count.
+    model = tiny_model(fused_kernels=fused_kernels).train()
+    hf = hf_twin(model).train()
+    for m in (model, hf):
+        m.model.layers[0].self_attn.register_forward_hook(_scale_first_output)
+        m.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+        m.model.layers[1].input_layernorm.register_forward_hook(_scale_output)
+        m.model.layers[1].post_attention_layernorm.register_forward_hook(_scale_output)
+    ids, mask, labels, _ = padded_batch([9, 6, 3], "right")
+    ours, ref = model(ids, attention_mask=mask, labels=labels), hf(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+    ours.loss.backward()
+    ref.loss.backward()
+    assert_same_grads(model, hf)
+
+
 def test_pruned_projection_trains_as_in_hf():
     # Pruning recomputes `weight` in a forward pre-hook: the weight must be read after it ran.
     model = tiny_model().train()

@@ -40,6 +40,36 @@ def test_stock_checkpoint_round_trip(tmp_path, tied):
         torch.testing.assert_close(back(ids, attention_mask=mask).logits, expected, atol=0, rtol=0)
 
 
+def test_a_stock_llama_config_builds_the_model_as_for_llama(tmp_path):
+    # LlamaForCausalLM(config) and from_pretrained(dir, config=LlamaConfig) work with ours too.
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2)  # fmt: skip
+    model = PadFreeLlamaForCausalLM(config)
+    assert isinstance(model.config, PadFreeLlamaConfig) and model.model.config is model.config
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    loaded = PadFreeLlamaForCausalLM.from_pretrained(tmp_path, config=LlamaConfig.from_pretrained(tmp_path))
+    assert isinstance(loaded.config, PadFreeLlamaConfig)
+
+
+def test_hf_attn_implementation_selects_the_backend(tmp_path):
+    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path)  # fmt: skip
+    for implementation, backend in [("sdpa", "auto"), ("eager", "auto"), ("flash_attention_2", "flash_attn"),
+                                    ("flex_attention", "flex")]:  # fmt: skip
+        model = PadFreeLlamaForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation)
+        assert model.config.attn_backend == backend
+        assert model.config._attn_implementation == "eager"  # no HF attention kernel runs
+    config = LlamaConfig.from_pretrained(tmp_path)
+    model = PadFreeLlamaForCausalLM.from_config(config, attn_implementation="flex_attention")
+    assert model.config.attn_backend == "flex"
+    with pytest.raises(ValueError, match=r"attn_implementation='paged_attention'.*pass attn_backend="):
+        PadFreeLlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="paged_attention")
+    with pytest.raises(ValueError, match=r"'flash_attention_2' and attn_backend='triton' name different kernels"):
+        PadFreeLlamaForCausalLM.from_pretrained(
+            tmp_path, attn_implementation="flash_attention_2", attn_backend="triton"
+        )
+
+
 def test_auto_classes_know_the_padfree_config(tmp_path):
     config = PadFreeLlamaConfig(
         vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
