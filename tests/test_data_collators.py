@@ -95,6 +95,18 @@ def test_text_column_uses_attention_mask():
     assert batch["labels"].tolist() == [[X, 4, EOS, X, X]]
 
 
+def test_a_stored_padded_tokens_row_ends_in_padding():
+    # Rows written already padded with a pad token of their own: its trailing run is padding, as a
+    # pad id inside the row is not (LLM-Foundry masks every label equal to the pad id instead).
+    collate = PadFreeTextCollator(8, PAD, eos_token_id=EOS, trailing_pad_id=PAD)
+    batch = collate([_tensor([5, PAD, 6, EOS, 7, PAD, PAD]), _tensor([PAD, PAD])])
+    assert batch["sequence_id"].tolist() == [[0, 0, 0, 0, 1, -1, -1, -1], [-1] * 8]
+    assert batch["labels"].tolist() == [[X, PAD, 6, EOS, X, X, X, X], [X] * 8]
+    assert batch["total_tokens"] == [5, 0]
+    with pytest.raises(ValueError, match="trailing_pad_id = 2 is also the document separator"):
+        PadFreeTextCollator(8, EOS, eos_token_id=EOS, trailing_pad_id=EOS)
+
+
 def test_an_empty_sample_is_a_row_of_padding():
     # As LLM-Foundry's text loader has it (a blank document of a dump, with a tokenizer adding no BOS).
     batch = PadFreeTextCollator(4, PAD, eos_token_id=EOS)([_tensor([3, EOS]), _tensor([])])

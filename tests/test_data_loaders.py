@@ -162,6 +162,38 @@ def test_text_loader_tokens_and_text_columns(data_dir):
     assert batch["total_tokens"] == batch["attention_mask"].sum(1).tolist() and min(batch["total_tokens"]) < 64
 
 
+def test_text_loader_reports_cut_samples_and_strips_stored_padding(tmp_path, caplog, monkeypatch):
+    # LLM-Foundry's text dataset cuts samples to max_seq_len without a word: the loader says so.
+    # A `tokens` row stored padded with the tokenizer's own pad id (0) ends in padding, not tokens.
+    from foundry_padfree.data import text
+
+    tok = tokenizer()
+    long_text = " ".join(prompt_response_rows(3, seed=5)[k]["a"] for k in range(3))
+    short_text = "Return the list."
+    rows = [np.arange(10, 26, dtype=np.int32), np.array([5, 6, 7, 0, 0], np.int32)]
+    write_mds(tmp_path / "tokens", {"tokens": "ndarray:int32"}, [{"tokens": row} for row in rows])
+    write_mds(tmp_path / "text", {"text": "str"}, [{"text": short_text}, {"text": long_text}])
+    for column, expected_length in (("tokens", 16), ("text", len(tok(long_text)["input_ids"]))):
+        monkeypatch.setattr(text, "_warned_cut", False)
+        dataset = {"local": str(tmp_path / column), "split": None, "shuffle": False, "max_seq_len": 8}
+        cfg = {"name": "padfree_text", "num_workers": 0, "dataset": dataset}
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="foundry_padfree.data.text"):
+            batch = next(iter(_build(cfg, device_batch_size=2).dataloader))
+        cut = [r.getMessage() for r in caplog.records]
+        assert len(cut) == 1 and f"a `{column}` sample has {expected_length} tokens, more than" in cut[0]
+        if column == "tokens":
+            assert batch["input_ids"][0].tolist() == list(range(10, 18))  # LLM-Foundry's cut: the first 8
+            assert batch["total_tokens"] == [8, 3] and batch["sequence_id"][1].tolist() == [0, 0, 0] + [-1] * 5
+        else:  # a short text as LLM-Foundry tokenizes it, a long one cut as it cuts it
+            foundry_tokenize = text.StreamingTextDataset._tokenize
+            built = _build(cfg, 2).dataloader.dataset
+            foundry = [foundry_tokenize(built, {"text": t}) for t in (short_text, long_text)]
+            expected = [[i for i, m in zip(f["input_ids"], f["attention_mask"]) if m] for f in foundry]
+            assert [row[row != 0].tolist()[: len(e)] for row, e in zip(batch["input_ids"], expected)] == expected
+            assert batch["total_tokens"] == [len(e) for e in expected]
+
+
 def test_streaming_finetuning_with_a_worker(data_dir, tmp_path):
     cfg = {
         "name": "padfree_finetuning",

@@ -164,6 +164,17 @@ def test_budget_fills_the_token_budget():
     assert all(len(step[0]) == 4 for step in sampler.plan(0).batches[:-1])
 
 
+def test_unshuffled_budget_steps_follow_the_dataset_order():
+    # The packer starts rows with the longest examples it sees; unshuffled, the steps must still
+    # come in the dataset's order (an eval subset of the first batches, a run without a curriculum).
+    lengths = np.random.default_rng(2).integers(1, 200, size=400).tolist()
+    sampler = _sampler(lengths, "budget", dbs=2, capacity=512, buffer_size=128, shuffle=False)
+    firsts = [min(row) for step in sampler.plan(0).batches for rows in step for row in rows if row]
+    assert firsts == sorted(firsts)
+    first_steps = [i for step in sampler.plan(0).batches[:4] for rows in step for row in rows for i in row]
+    assert np.mean([lengths[i] for i in first_steps]) < 1.2 * np.mean(lengths)
+
+
 def test_determinism_and_epochs():
     lengths = list(np.random.default_rng(1).integers(1, 64, size=100))
     for mode in ("budget", "flatten"):

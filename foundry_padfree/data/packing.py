@@ -9,7 +9,10 @@ Two modes (`packing_mode`):
 - `budget` fills a token budget: every step gets `device_batch_size` rows of at most
   `max_tokens_per_row` tokens per device, filled with as many whole examples as fit. Rows are
   packed once (from the seeded example order; documents never see each other, so which examples
-  share a row does not matter to the model) and the rows are reshuffled every epoch. The number
+  share a row does not matter to the model) and the rows are reshuffled every epoch; without
+  `shuffle`, rows come in the order of their first example, so steps follow the dataset's order
+  (the packer, which starts each row with the longest example it can see, would put long
+  examples first: a length curriculum, and an eval subset of the longest examples). The number
   of examples per step varies around `rows * capacity * efficiency / mean length`, so **this mode
   changes the number of optimizer steps per epoch** (fewer steps than the unpacked loader, each
   with more examples): set the schedule and `max_duration` in tokens or epochs, not batches.
@@ -52,6 +55,8 @@ from torch.utils.data import Dataset, DistributedSampler
 PackingMode = Literal["budget", "flatten"]
 EMPTY_ROW = -1  # the example index of a sampler key that stands for a row of padding
 PACKING_MODES: tuple[str, ...] = ("budget", "flatten")
+# Part of the plan's fingerprint: a checkpoint of a plan made by other rules is refused on resume.
+_PLAN_VERSION = 2
 
 
 def pack_rows(lengths: Sequence[int], capacity: int, buffer_size: int) -> list[list[int]]:
@@ -222,6 +227,8 @@ class PackedBatchSampler(DistributedSampler):
         rows = self.budget_rows()
         if self.shuffle:
             rows = [rows[k] for k in np.random.default_rng([self.seed, epoch, 1]).permutation(len(rows))]
+        else:  # the dataset's order, not the packer's (longest first)
+            rows = sorted(rows, key=min)
         step_rows = self.num_replicas * self.device_batch_size
         return EpochPlan([_share_rows(rows[start : start + step_rows], self.num_replicas)
                           for start in range(0, len(rows), step_rows)])  # fmt: skip
@@ -272,7 +279,7 @@ class PackedBatchSampler(DistributedSampler):
         """A digest of everything the plan depends on except the epoch."""
         digest = hashlib.sha256(self.lengths.tobytes())
         options = (self.mode, self.device_batch_size, self.row_capacity, self.buffer_size, self.shuffle,
-                   self.seed, self.num_replicas)  # fmt: skip
+                   self.seed, self.num_replicas, _PLAN_VERSION)  # fmt: skip
         digest.update(repr(options).encode())
         return digest.hexdigest()[:16]
 
@@ -287,7 +294,8 @@ class PackedBatchSampler(DistributedSampler):
             raise ValueError(
                 f"the checkpoint's packing plan fingerprint {state.get('fingerprint')!r} differs from this "
                 f"run's {self.fingerprint()!r}: the dataset, tokenizer, max_seq_len, packing options, "
-                "seed or number of ranks changed, so the exact next batch cannot be restored. Resume "
+                "seed, number of ranks or foundry_padfree's packing rules changed, so the exact next batch "
+                "cannot be restored. Resume "
                 "with the original settings, or load the checkpoint without its dataloader state."
             )
         self._resume_examples = int(state["examples_in_epoch"])

@@ -16,9 +16,15 @@ Unlike LLM-Foundry:
 
 - the first label of every document is ignored, so the last token of a document is never trained
   to predict the next document, even by a model that ignores `sequence_id`;
-- padding comes from lengths and `attention_mask`, never from token ids, so with
-  `pad_token_id == eos_token_id` real EOS tokens keep their labels and padding is not a document;
+- padding comes from lengths and `attention_mask`, not from token ids, so with
+  `pad_token_id == eos_token_id` real EOS tokens keep their labels and padding is not a document.
+  The one exception: a `tokens` row stored already padded, with a pad token of its own (neither EOS
+  nor BOS), ends in a run of that id, which is padding (LLM-Foundry masks its labels instead);
 - `sequence_id` is -1 on padding and numbered 0..k-1 in BOS mode too; `position_ids` restart at 0.
+
+A sample longer than `max_seq_len` is cut to it by LLM-Foundry's dataset, as in its own loader
+(the first `max_seq_len` tokens; a `text` column keeps the tokenizer's special tokens); the loader
+warns the first time, naming the sample's length, since the rest is not trained on.
 
 An empty sample (a blank document, with a tokenizer that adds no BOS) is a row of padding, as in
 LLM-Foundry; a microbatch made only of such rows trains with a loss of 0 (`padfree_causal_lm`
@@ -37,6 +43,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,6 +57,8 @@ from transformers import PreTrainedTokenizerBase
 
 from foundry_padfree.data.batch import Document, collate_rows
 from foundry_padfree.data.dataspec import FOUNDRY_BUILDER_WORKERS, padfree_data_spec, whole_number, worker_options
+
+log = logging.getLogger(__name__)
 
 # The `dataset:` keys LLM-Foundry's text loader understands; anything else is a typo we report.
 _TEXT_DATASET_KEYS = (
@@ -98,10 +107,17 @@ class PadFreeTextCollator:
         pad_token_id: filler id for padding.
         eos_token_id: document separator (EOS mode), or None.
         bos_token_id: document separator (BOS mode), or None.
+        trailing_pad_id: a `tokens` row's trailing run of this id is padding (rows stored already
+            padded with a pad token of their own), or None.
     """
 
     def __init__(
-        self, max_seq_len: int, pad_token_id: int, eos_token_id: int | None = None, bos_token_id: int | None = None
+        self,
+        max_seq_len: int,
+        pad_token_id: int,
+        eos_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        trailing_pad_id: int | None = None,
     ):
         if eos_token_id is not None and bos_token_id is not None:
             raise ValueError(
@@ -112,27 +128,75 @@ class PadFreeTextCollator:
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.bos_token_id = bos_token_id
+        if trailing_pad_id is not None and trailing_pad_id in (eos_token_id, bos_token_id):
+            raise ValueError(
+                f"trailing_pad_id = {trailing_pad_id} is also the document separator; a run of separators at "
+                "the end of a row may be empty documents, not padding: leave trailing_pad_id unset."
+            )
+        self.trailing_pad_id = trailing_pad_id
 
     def __call__(self, samples: Sequence[torch.Tensor | Mapping[str, Any]]) -> dict[str, Any]:
         """`samples`: token tensors (`tokens` column, (L,) integer) or tokenizer outputs (`text`
         column: `input_ids` and `attention_mask`, padded to `max_seq_len`)."""
         rows = []
         for k, sample in enumerate(samples):
-            ids = _real_tokens(sample)  # an empty sample is a row of padding, as in LLM-Foundry's loader
+            ids = _real_tokens(sample, self.trailing_pad_id)  # an empty sample is a row of padding
             if len(ids) > self.max_seq_len:
                 raise ValueError(f"sample {k} has {len(ids)} tokens, more than max_seq_len ({self.max_seq_len}).")
             rows.append(split_documents(ids, self.eos_token_id, self.bos_token_id))
         return collate_rows(rows, self.max_seq_len, self.pad_token_id)
 
 
-def _real_tokens(sample: torch.Tensor | Mapping[str, Any]) -> np.ndarray:
-    """(L,) int64: a sample's tokens without padding (padding is where `attention_mask` is 0)."""
+def _real_tokens(sample: torch.Tensor | Mapping[str, Any], trailing_pad_id: int | None = None) -> np.ndarray:
+    """(L,) int64: a sample's tokens without padding: where `attention_mask` is 0 (`text`
+    column), or a `tokens` row's trailing run of `trailing_pad_id`."""
     if isinstance(sample, Mapping):
         ids = np.asarray(sample["input_ids"], dtype=np.int64)
         if "attention_mask" in sample:
             ids = ids[np.asarray(sample["attention_mask"]).astype(bool)]
         return ids
-    return torch.as_tensor(sample).to(torch.int64).numpy()
+    ids = torch.as_tensor(sample).to(torch.int64).numpy()
+    if trailing_pad_id is not None and len(ids):
+        kept = np.flatnonzero(ids != trailing_pad_id)
+        ids = ids[: kept[-1] + 1 if len(kept) else 0]
+    return ids
+
+
+class _CutReportingTextDataset(StreamingTextDataset):
+    """LLM-Foundry's `StreamingTextDataset`, which cuts samples longer than `max_seq_len` to it
+    without a word, saying so (once per process). The samples it returns are its own."""
+
+    def _read_binary_tokenized_sample(self, sample: dict[str, Any]) -> torch.Tensor:
+        tokens = sample["tokens"]  # an array, or its bytes in `token_encoding_type`
+        itemsize = 1 if isinstance(tokens, np.ndarray) else np.dtype(self.token_encoding_type).itemsize
+        n = len(tokens) // itemsize
+        if n > self.max_seq_len:
+            _warn_cut(n, self.max_seq_len, "tokens")
+        return super()._read_binary_tokenized_sample(sample)
+
+    def _tokenize(self, text_sample: Mapping) -> dict[str, list[int]]:
+        if self.tokenizer.pad_token is None:
+            return super()._tokenize(text_sample)  # LLM-Foundry's error
+        uncut = self.tokenizer(text_sample["text"], truncation=False)
+        if len(uncut["input_ids"]) <= self.max_seq_len:  # what the cut tokenization gives; the collator pads
+            return uncut
+        _warn_cut(len(uncut["input_ids"]), self.max_seq_len, "text")
+        return super()._tokenize(text_sample)  # its truncation keeps the special tokens
+
+
+_warned_cut = False
+
+
+def _warn_cut(length: int, max_seq_len: int, column: str) -> None:
+    global _warned_cut
+    if not _warned_cut:
+        _warned_cut = True
+        log.warning(
+            "padfree_text: a `%s` sample has %d tokens, more than dataset.max_seq_len (%d); LLM-Foundry's text "
+            "dataset keeps its first %d tokens and the rest is not trained on. Write rows of at most max_seq_len "
+            "tokens (e.g. convert_dataset_hf.py --concat_tokens %d) or raise max_seq_len to train on all of it. "
+            "(Said once per process.)", column, length, max_seq_len, max_seq_len, max_seq_len,
+        )  # fmt: skip
 
 
 def build_padfree_text_dataloader(
@@ -192,7 +256,10 @@ def build_padfree_text_dataloader(
     pad_token_id = tokenizer.pad_token_id
     if pad_token_id is None:  # any id works: padding is found from lengths, not ids
         pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    collator = PadFreeTextCollator(max_seq_len, pad_token_id, eos_token_id, bos_token_id)
+    own_pad = tokenizer.pad_token_id
+    separators = (tokenizer.eos_token_id, tokenizer.bos_token_id, eos_token_id, bos_token_id)
+    trailing_pad_id = own_pad if own_pad is not None and own_pad not in separators else None
+    collator = PadFreeTextCollator(max_seq_len, pad_token_id, eos_token_id, bos_token_id, trailing_pad_id)
 
     # LLM-Foundry builds and validates the StreamingTextDataset (separator ids against the
     # tokenizer, replication, streams); we keep its dataset and batch size and use our collator.
@@ -205,6 +272,8 @@ def build_padfree_text_dataloader(
         **FOUNDRY_BUILDER_WORKERS,
     ).dataloader
     assert isinstance(foundry_loader, DataLoader), f"LLM-Foundry returned {type(foundry_loader)}"
+    assert type(foundry_loader.dataset) is StreamingTextDataset, f"LLM-Foundry built {type(foundry_loader.dataset)}"
+    foundry_loader.dataset.__class__ = _CutReportingTextDataset  # the same object, reporting its cuts
     loader = DataLoader(
         foundry_loader.dataset,
         batch_size=foundry_loader.batch_size,
