@@ -242,13 +242,13 @@ def _check_model(state: State, callback: str) -> None:
 
 
 def _interval(value: int, name: str) -> int:
-    if not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: interval={value!r} must be a positive number of batches.")
     return value
 
 
 def _max_rows(value: int, name: str) -> int:
-    if not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: max_rows={value!r} must be >= 1.")
     return value
 

@@ -319,6 +319,8 @@ def test_non_padfree_model_is_refused_at_init(tmp_path):
 def test_bad_interval():
     with pytest.raises(ValueError, match=r"padfree_stats: interval=0 must be a positive number of batches"):
         PadFreeStats(interval=0)
+    with pytest.raises(ValueError, match=r"padfree_audit: interval=True must be a positive number of batches"):
+        PadFreeAudit(interval=True)
 
 
 def test_audit_passes_llm_foundrys_own_text_collator(model_dir):

@@ -236,5 +236,7 @@ def test_sampler_argument_errors():
         _sampler([3, 65])
     with pytest.raises(ValueError, match="device_batch_size = 0"):
         _sampler([3], dbs=0)
+    with pytest.raises(ValueError, match="packing_buffer_size = True"):  # a bool is not a count
+        _sampler([3], buffer_size=True)
     with pytest.raises(ValueError, match="no examples"):
         _sampler([])

@@ -348,7 +348,7 @@ def _validate(
         )
     if packing_mode not in PACKING_MODES:
         raise ValueError(f"packing_mode = {packing_mode!r}; choose one of {', '.join(PACKING_MODES)}.")
-    if not isinstance(packing_buffer_size, int) or packing_buffer_size < 1:
+    if isinstance(packing_buffer_size, bool) or not isinstance(packing_buffer_size, int) or packing_buffer_size < 1:
         raise ValueError(f"packing_buffer_size = {packing_buffer_size!r}; use a positive integer (e.g. 1024).")
     row_capacity = max_seq_len if max_tokens_per_row is None else whole_number(max_tokens_per_row, "max_tokens_per_row")
     if row_capacity < max_seq_len:

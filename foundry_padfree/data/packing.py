@@ -171,7 +171,7 @@ class PackedBatchSampler(DistributedSampler):
     ):
         if mode not in PACKING_MODES:
             raise ValueError(f"packing_mode = {mode!r}; choose one of {', '.join(PACKING_MODES)}.")
-        if not isinstance(device_batch_size, int) or device_batch_size < 1:
+        if isinstance(device_batch_size, bool) or not isinstance(device_batch_size, int) or device_batch_size < 1:
             raise ValueError(f"device_batch_size = {device_batch_size!r}; it must be a positive integer.")
         if len(lengths) == 0:
             raise ValueError("the dataset has no examples; there is nothing to pack.")
@@ -182,7 +182,7 @@ class PackedBatchSampler(DistributedSampler):
         self.device_batch_size = device_batch_size
         self.row_capacity = row_capacity
         self.buffer_size = buffer_size
-        if not isinstance(buffer_size, int) or buffer_size < 1:
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"packing_buffer_size = {buffer_size!r}; use a positive integer (1024 is a good default).")
         # Checked here rather than at the first epoch, so that a bad length fails at build time.
         too_long = np.flatnonzero((self.lengths < 1) | (self.lengths > row_capacity))
