@@ -601,18 +601,13 @@ class PadFreePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _autoset_attn_implementation(cls, config: Any, use_flash_attention_2: bool = False, *args: Any, **kwargs: Any):
-        """HF's choice of attention kernel (transformers 4.x): `attn_implementation="flash_attention_2"`
+        """HF's choice of attention kernel: `attn_implementation="flash_attention_2"`
         (or `use_flash_attention_2`) and `"flex_attention"` select `attn_backend`; `"sdpa"` and
         `"eager"` leave it as it is; anything else is refused, naming `attn_backend`."""
         requested = getattr(config, "_attn_implementation_internal", None)
         _adopt_attn_implementation(config, "flash_attention_2" if use_flash_attention_2 else requested)
         config._attn_implementation = "eager"  # what HF code outside the model may read: no HF kernel runs
         return config
-
-    def _check_and_adjust_attn_implementation(self, attn_implementation: Any, *args: Any, **kwargs: Any) -> str:
-        """The same for transformers 5.x, which asks the model instead."""
-        _adopt_attn_implementation(self.config, attn_implementation)
-        return "eager"
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
