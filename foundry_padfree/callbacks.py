@@ -253,6 +253,18 @@ def _max_rows(value: int, name: str) -> int:
     return value
 
 
+def _flag(value: bool, name: str, option: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: {option}={value!r} must be true or false.")
+    return value
+
+
+def _tolerance(value: float, name: str, option: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name}: {option}={value!r} must be a finite number >= 0.")
+    return float(value)
+
+
 def _due(state: State, interval: int, batch_finished: bool = False) -> bool:
     """Whether the current batch (0-based) is a multiple of `interval`. At `BATCH_END` Composer has
     already counted the current batch in `timestamp.batch`."""
@@ -378,13 +390,14 @@ class PadFreeAudit(Callback):
             instead of only logging it.
 
     Raises:
+        ValueError: when constructed with an option of the wrong kind or out of range.
         TypeError: at init, if the run's model is not `padfree_causal_lm`.
         PadFreeCheckError: with `strict`, when a check fails.
     """
 
     def __init__(self, interval: int = 100, strict: bool = False):
         self.interval = _interval(interval, "padfree_audit")
-        self.strict = strict
+        self.strict = _flag(strict, "padfree_audit", "strict")
         self.summary: dict[str, float] = {"forwards_audited": 0, "checks_failed": 0}
         self._record: _ForwardRecord | None = None
         self._batch_docs: BatchDocs | None = None
@@ -650,13 +663,16 @@ class PadFreeIsolation(Callback):
             probe holds two `[max_rows, S, V]` logit tensors.
 
     Raises:
+        ValueError: when constructed with an option of the wrong kind or out of range.
         TypeError: at init, if the run's model is not `padfree_causal_lm`.
         PadFreeCheckError: with `strict`, when isolation fails.
     """
 
     def __init__(self, interval: int = 500, strict: bool = False, atol: float = 0.0, max_rows: int = 2):
         self.interval = _interval(interval, "padfree_isolation")
-        self.strict, self.atol, self.max_rows = strict, float(atol), _max_rows(max_rows, "padfree_isolation")
+        self.strict = _flag(strict, "padfree_isolation", "strict")
+        self.atol = _tolerance(atol, "padfree_isolation", "atol")
+        self.max_rows = _max_rows(max_rows, "padfree_isolation")
         self.summary: dict[str, float] = {"probes": 0, "probes_failed": 0}
         self._warned_unpacked = False
 
@@ -746,6 +762,7 @@ class PadFreeParity(Callback):
         logits_rtol: largest max|delta logits| / max|reference logits|; None: the same default.
 
     Raises:
+        ValueError: when constructed with an option of the wrong kind or out of range.
         TypeError: at init, if the run's model is not `padfree_causal_lm`.
         ValueError: at a due batch without labels (strict or not: the setup cannot be compared).
         PadFreeCheckError: with `strict`, when parity fails.
@@ -760,8 +777,10 @@ class PadFreeParity(Callback):
         logits_rtol: float | None = None,
     ):
         self.interval = _interval(interval, "padfree_parity")
-        self.strict, self.max_rows = strict, _max_rows(max_rows, "padfree_parity")
-        self.loss_atol, self.logits_rtol = loss_atol, logits_rtol
+        self.strict = _flag(strict, "padfree_parity", "strict")
+        self.max_rows = _max_rows(max_rows, "padfree_parity")
+        self.loss_atol = None if loss_atol is None else _tolerance(loss_atol, "padfree_parity", "loss_atol")
+        self.logits_rtol = None if logits_rtol is None else _tolerance(logits_rtol, "padfree_parity", "logits_rtol")
         self.summary: dict[str, float] = {"probes": 0, "probes_failed": 0}
         self._reference: nn.Module | None = None
 
@@ -930,6 +949,7 @@ class PadFreeStats(Callback):
         interval: measure every `interval`-th batch, from the first.
 
     Raises:
+        ValueError: when constructed with an option of the wrong kind or out of range.
         TypeError: at init, if the run's model is not `padfree_causal_lm`.
     """
 

@@ -25,7 +25,7 @@ instead unless they ask for nothing: `peft_config: null`, `load_in_8bit: false`)
   count (with the `triton` kernels all layers and their attention in one graph), and the loss's
   softmax gradient. Layers in FSDP's or activation checkpointing's wrappers compile one by one.
   Not together with the trainer's `compile_config`, which compiles the whole model, host-side
-  unpadding included.
+  unpadding included: the first forward then raises, naming both.
 - `loss_on_real_tokens_only` (default true): training forwards run the output head only on the
   real tokens that have a target (the chunked head + cross-entropy) and never build `[B,S,V]`
   logits unless a train metric needs them. False also re-pads `[B,S,V]` logits on every training
@@ -54,7 +54,7 @@ from composer.utils import get_device
 from llmfoundry.models.consts import _MASTER_WEIGHTS_PRECISION
 from llmfoundry.models.hf.hf_causal_lm import ComposerHFCausalLM
 from llmfoundry.utils.config_utils import set_config_overrides
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from foundry_padfree.attention import resolve_backend
@@ -76,6 +76,17 @@ _NOT_SUPPORTED = {
     "should_save_peft_only": "LoRA/PEFT is not supported by padfree_causal_lm",
     "load_in_8bit": "8-bit loading is not supported by padfree_causal_lm",
 }
+
+
+def _refuse_whole_model_compile(module: nn.Module, args: Any) -> None:
+    """Before a forward, outside any compiled code: the trainer's `compile_config` replaces the
+    model's `forward` with a `torch.compile`d one, which would trace through the compiled layers."""
+    if hasattr(vars(module).get("forward"), "_torchdynamo_orig_callable"):
+        raise ValueError(
+            "model.compile_layers and the trainer's compile_config both compile this model: compile_config "
+            "compiles the whole forward, host-side unpadding included, around the layers compile_layers "
+            "compiles. Use one of them: remove compile_config (compile_layers is the padding-free model's way)."
+        )
 
 
 def _compile_backend(compile_layers: bool | str) -> str | None:
@@ -163,6 +174,7 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
         self.num_flop_params = _flop_params(self.model)
         if compile_backend is not None:
             self.model.compile_layers(compile_backend)
+            self.register_forward_pre_hook(_refuse_whole_model_compile)
 
     @classmethod
     def build_config(

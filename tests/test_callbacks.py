@@ -316,11 +316,18 @@ def test_non_padfree_model_is_refused_at_init(tmp_path):
         Trainer(model=stock, callbacks=[PadFreeAudit()])
 
 
-def test_bad_interval():
+def test_bad_options():
     with pytest.raises(ValueError, match=r"padfree_stats: interval=0 must be a positive number of batches"):
         PadFreeStats(interval=0)
     with pytest.raises(ValueError, match=r"padfree_audit: interval=True must be a positive number of batches"):
         PadFreeAudit(interval=True)
+    # A negative tolerance fails every probe; a YAML string for strict would silently mean true.
+    with pytest.raises(ValueError, match=r"padfree_isolation: atol=-1 must be a finite number >= 0"):
+        PadFreeIsolation(atol=-1)
+    with pytest.raises(ValueError, match=r"padfree_parity: logits_rtol=nan must be a finite number >= 0"):
+        PadFreeParity(logits_rtol=float("nan"))
+    with pytest.raises(ValueError, match=r"padfree_audit: strict='maybe' must be true or false"):
+        PadFreeAudit(strict="maybe")
 
 
 def test_audit_passes_llm_foundrys_own_text_collator(model_dir):

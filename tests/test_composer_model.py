@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 from foundry_padfree import PadFreeLlamaConfig, PadFreeLlamaForCausalLM, training_flops
 from foundry_padfree.composer_model import ComposerPadFreeCausalLM, document_lengths
 from foundry_padfree.modeling import PadFreeDecoderLayer, PadFreeRMSNorm
-from tests.composer_helpers import ROWS, collate, composer_model, packed_batch, packed_row, write_model_dir
+from tests.composer_helpers import ROWS, collate, composer_model, fit, packed_batch, packed_row, write_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +258,11 @@ def test_compile_layers_option_compiles_the_layers_and_trains_as_eager(model_dir
     for name, g in grads.items():
         torch.testing.assert_close(c_grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
     assert composer_model(model_dir, compile_layers=True).model.model.compile_backend == "inductor"
+
+
+def test_compile_layers_with_the_trainers_compile_config_is_refused(model_dir):
+    # compile_config compiles the whole forward around the compiled layers; the first forward says so.
+    torch._dynamo.reset()
+    model = composer_model(model_dir, compile_layers="aot_eager")
+    with pytest.raises(ValueError, match=r"model.compile_layers and the trainer's compile_config both compile"):
+        fit(model, [], batches=1, compile_config={"backend": "aot_eager"})
