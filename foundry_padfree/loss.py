@@ -197,7 +197,7 @@ def linear_cross_entropy(
     Args:
         h_TD: (T, D), hidden states of the tokens to score.
         weight_VD: (V, D), the output head (tied or not).
-        targets_T: (T,), int64, IGNORE_INDEX where a token has no target.
+        targets_T: (T,), integer, IGNORE_INDEX where a token has no target, else in [0, V).
         chunk: tokens per chunk; the largest transient is a `[chunk, V]` fp32 block.
         reduction: `mean` over tokens with a target (0 when there are none, so an empty
             microbatch contributes nothing instead of NaN) or `sum`.
@@ -212,8 +212,24 @@ def linear_cross_entropy(
 
     Returns:
         (loss, number of tokens with a target), both 0-dim tensors on the device (no sync).
+
+    Raises:
+        ValueError: for a chunk that is not a positive int, or (on the host) a target outside
+            [0, V) that is not IGNORE_INDEX; on a GPU such a target is a device-side assert.
     """
     _check_reduction(reduction)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r} must be a positive number of tokens (e.g. 4096).")
+    targets_T = targets_T.long()
+    bad_T = (targets_T != IGNORE_INDEX) & ((targets_T < 0) | (targets_T >= weight_VD.shape[0]))
+    if targets_T.device.type == "cpu" and bool(bad_T.any()):
+        t = int(torch.nonzero(bad_T)[0])
+        raise ValueError(
+            f"targets_T[{t}] = {int(targets_T[t])} is neither a class in [0, {weight_VD.shape[0]}) nor "
+            f"IGNORE_INDEX ({IGNORE_INDEX})."
+        )
+    if targets_T.device.type != "cpu":  # no sync: checked where the targets are
+        torch._assert_async(~bad_T.any(), f"targets outside [0, {weight_VD.shape[0]}) that are not {IGNORE_INDEX}")
     num_targets = (targets_T != IGNORE_INDEX).sum()
     need_grad = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
     loss_sum = _ChunkedLinearCrossEntropy.apply(

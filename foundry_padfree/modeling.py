@@ -951,6 +951,12 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         # No KV cache: every step runs the whole (unpadded) prefix; positions follow attention_mask.
+        packed = [k for k in ("sequence_id", "position_ids") if kwargs.get(k) is not None]
+        if packed:  # they describe the prompt's columns only, and new tokens would not extend them
+            raise ValueError(
+                f"generate() got {', '.join(packed)}: it decodes one prompt per row. Pass each document as its "
+                "own row (padded on the left, with attention_mask) instead of packed rows."
+            )
         if attention_mask is not None and (attention_mask[:, :-1].bool() & ~attention_mask[:, 1:].bool()).any():
             row = int((attention_mask[:, :-1].bool() & ~attention_mask[:, 1:].bool()).any(dim=1).nonzero()[0])
             raise ValueError(

@@ -123,9 +123,9 @@ def unpad(
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
-    if not _is_integer(input_ids):
+    if input_ids.dtype not in (torch.int64, torch.int32):  # what the embedding takes
         raise ValueError(
-            f"input_ids has dtype {input_ids.dtype}; token ids must be an integer tensor "
+            f"input_ids has dtype {input_ids.dtype}; token ids must be an int64 (or int32) tensor "
             "(convert with input_ids.long())."
         )
     B, S = input_ids.shape
@@ -154,6 +154,15 @@ def unpad(
         )
 
     if attention_mask is None and sequence_id is None and position_ids is None:
+        if labels is not None and vocab_size is not None and labels.device.type == "cpu":  # no sync to avoid
+            bad = torch.nonzero(_bad_labels(labels, vocab_size))
+            if len(bad):
+                r, c = (int(v) for v in bad[0])
+                raise ValueError(
+                    f"labels[{r}, {c}] = {int(labels[r, c])} is neither a token id in [0, vocab_size={vocab_size}) "
+                    f"nor IGNORE_INDEX ({IGNORE_INDEX}); mark tokens without a target with {IGNORE_INDEX}."
+                )
+            vocab_size = None  # checked
         return _unpad_dense(_to(input_ids, device), _to(labels, device), max_positions, vocab_size)
 
     real_BS = torch.ones_like(input_ids, dtype=torch.bool)
@@ -171,8 +180,9 @@ def unpad(
         flags_BS |= decrease_BS.to(torch.uint8) * _SEQ_ID_DECREASES
     if position_ids is not None:
         flags_BS |= (position_ids == 0).to(torch.uint8) * _NEW_DOC
-        limit = max_positions if max_positions is not None else torch.iinfo(torch.int64).max
-        bad_BS = (position_ids < 0) | (position_ids >= limit)
+        bad_BS = position_ids < 0
+        if max_positions is not None:  # in int64: a limit past a narrower dtype's range would wrap
+            bad_BS |= position_ids.long() >= max_positions
         flags_BS |= bad_BS.to(torch.uint8) * _POS_OUT_OF_RANGE
     if labels is not None:
         flags_BS |= (labels != IGNORE_INDEX).to(torch.uint8) * _SUPERVISED
@@ -252,9 +262,9 @@ def _unpad_dense(
             f"rows of {S} tokens are longer than max_position_embeddings ({max_positions}); "
             "truncate them (max_seq_len) or pass position_ids/sequence_id for packed rows."
         )
-    if labels is not None and vocab_size is not None:
-        # Checked on the device (raises at once on CPU; a device-side assert on CUDA), to keep this
-        # path free of syncs. A batch with an attention_mask gets the full error message instead.
+    if labels is not None and vocab_size is not None and labels.device.type != "cpu":
+        # Checked on the device (a device-side assert), to keep this path free of syncs. A batch
+        # with an attention_mask, or given on the host, gets the full error message instead.
         torch._assert_async(
             ~_bad_labels(labels, vocab_size).any(),
             f"labels hold values outside [0, {vocab_size}) that are not IGNORE_INDEX ({IGNORE_INDEX}); "
@@ -293,6 +303,7 @@ def _shift_targets(labels_T: Tensor, meta: VarlenMeta, last_T: Tensor | None = N
 
 def _bad_labels(labels: Tensor, vocab_size: int) -> Tensor:
     """(B, S) bool: labels that are neither IGNORE_INDEX nor a token id of the vocabulary."""
+    labels = labels.long()  # a vocabulary size past a narrower dtype's range would wrap
     return (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
 
 

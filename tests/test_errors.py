@@ -147,12 +147,28 @@ def test_label_outside_the_vocabulary(model, bad, how):
 
 
 def test_label_outside_the_vocabulary_in_a_dense_batch(model):
-    # No mask, no packing: checked on the device without a sync (on CPU the check raises at once).
+    # No mask, no packing: a batch on the host is checked there (on a GPU, without a sync, by a
+    # device-side assert).
     ids = torch.randint(3, 97, (2, 5))
     labels = ids.clone()
     labels[0, 4] = -5
-    with pytest.raises(RuntimeError, match=r"labels hold values outside \[0, 97\).*-100"):
+    with pytest.raises(ValueError, match=r"labels\[0, 4\] = -5 is neither a token id in \[0, vocab_size=97\)"):
         model(ids, labels=labels)
+
+
+def test_narrow_integer_dtypes(model):
+    # int32 positions and int16 labels are compared in int64 (a limit past their range would wrap);
+    # token ids must be what the embedding takes.
+    ids = torch.randint(3, 97, (1, 6))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    expected = model(ids, position_ids=positions).logits
+    torch.testing.assert_close(model(ids, position_ids=positions.int()).logits, expected)
+    torch.testing.assert_close(model(ids, position_ids=positions.short()).logits, expected)
+    big = tiny_model(vocab_size=40000)
+    mask = torch.ones_like(ids)
+    assert big(ids, attention_mask=mask, labels=ids.short()).loss.isfinite()
+    with pytest.raises(ValueError, match=r"input_ids has dtype torch.uint8; token ids must be an int64 \(or int32\)"):
+        model(ids.to(torch.uint8))
 
 
 def test_label_outside_the_vocabulary_on_padding_is_not_read(model):
@@ -215,6 +231,27 @@ def test_generate_on_right_padded_prompts_names_left_padding(model):
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     with pytest.raises(ValueError, match=r"row 1 with padding after its real tokens.*padding_side = 'left'"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_generate_on_packed_prompts_is_refused(model):
+    ids = torch.randint(3, 97, (1, 6))
+    with pytest.raises(ValueError, match=r"generate\(\) got sequence_id: it decodes one prompt per row"):
+        model.generate(ids, sequence_id=torch.tensor([[0, 0, 0, 1, 1, 1]]), max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match=r"generate\(\) got position_ids"):
+        model.generate(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), max_new_tokens=2, do_sample=False)
+
+
+def test_linear_cross_entropy_refuses_bad_targets_and_chunks():
+    from foundry_padfree.loss import linear_cross_entropy
+
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"targets_T\[1\] = -1 is neither a class in \[0, 10\)"):
+        linear_cross_entropy(h, w, torch.tensor([3, -1, 2, -100]))
+    with pytest.raises(ValueError, match=r"chunk=0 must be a positive number of tokens"):
+        linear_cross_entropy(h, w, torch.tensor([3, 1, 2, -100]), chunk=0)
+    loss, count = linear_cross_entropy(h, w, torch.tensor([3, 1, 2, -100], dtype=torch.int32), chunk=3)
+    assert int(count) == 3
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(h[:3] @ w.t(), torch.tensor([3, 1, 2])))
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
