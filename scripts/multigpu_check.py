@@ -542,8 +542,10 @@ def shipped_runs(
     """`composer -n 2` on the shipped pretraining and SFT YAMLs at their full model sizes, offline,
     for `batches` steps each, in the parallelism variants they are meant for.
 
-    Only paths, the run length, batch sizes and logging are overridden (the models, precision,
-    FSDP settings and callbacks are the YAMLs'): SmolLM2-135M pretraining on the demo's MDS rows
+    Overridden: paths, the run length, batch sizes, logging, a one-batch warm-up, two loader
+    workers, the check tokenizer's EOS id, evaluation's cadence and size, and for SFT fresh
+    weights and the checkpoint interval and retention (the models, precision, FSDP settings and
+    callbacks are the YAMLs'): SmolLM2-135M pretraining on the demo's MDS rows
     with FSDP FULL_SHARD + activation checkpointing as shipped, then with DDP; Llama-3.2-1B SFT on
     prompt/response pairs from standard-library docstrings, as shipped (FULL_SHARD, PURE, activation
     checkpointing, full checkpoints saved halfway), resumed from that checkpoint, and with activation
