@@ -70,6 +70,7 @@ from torch import Tensor, nn
 import foundry_padfree.modeling as modeling
 from foundry_padfree.attention import BACKENDS
 from foundry_padfree.composer_model import ComposerPadFreeCausalLM, padding_only
+from foundry_padfree.config import is_positive_int
 from foundry_padfree.loss import linear_dtype
 from foundry_padfree.varlen import IGNORE_INDEX, Unpadded
 
@@ -242,13 +243,13 @@ def _check_model(state: State, callback: str) -> None:
 
 
 def _interval(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"{name}: interval={value!r} must be a positive number of batches.")
     return value
 
 
 def _max_rows(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"{name}: max_rows={value!r} must be >= 1.")
     return value
 

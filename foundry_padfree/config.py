@@ -13,6 +13,12 @@ from transformers import LlamaConfig
 
 ATTN_BACKENDS = ("auto", "triton", "flash_attn", "torch_varlen", "flex", "sdpa")
 
+
+def is_positive_int(value: Any) -> bool:
+    """Whether `value` is an int >= 1 and not a bool (YAML's `true` would otherwise count as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 # Fields that exist only on our config; they are dropped when exporting a stock Llama config.
 PADFREE_FIELDS = ("attn_backend", "loss_chunk_size", "fused_kernels", "recompute_mlp")
 
@@ -72,7 +78,7 @@ class PadFreeLlamaConfig(LlamaConfig):
             )
         for name in ("loss_chunk_size", "num_attention_heads", "num_key_value_heads"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"{name}={value!r} must be a positive int.")
         for name in ("fused_kernels", "recompute_mlp"):
             if not isinstance(getattr(self, name), bool):

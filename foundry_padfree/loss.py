@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from foundry_padfree import kernels
+from foundry_padfree.config import is_positive_int
 from foundry_padfree.varlen import IGNORE_INDEX
 
 
@@ -218,7 +219,7 @@ def linear_cross_entropy(
             [0, V) that is not IGNORE_INDEX; on a GPU such a target is a device-side assert.
     """
     _check_reduction(reduction)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    if not is_positive_int(chunk):
         raise ValueError(f"chunk={chunk!r} must be a positive number of tokens (e.g. 4096).")
     targets_T = targets_T.long()
     bad_T = (targets_T != IGNORE_INDEX) & ((targets_T < 0) | (targets_T >= weight_VD.shape[0]))

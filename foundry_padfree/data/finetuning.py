@@ -64,6 +64,7 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from foundry_padfree.config import is_positive_int
 from foundry_padfree.data.batch import Document, collate_rows
 from foundry_padfree.data.dataspec import FOUNDRY_BUILDER_WORKERS, padfree_data_spec, whole_number, worker_options
 from foundry_padfree.data.packing import PACKING_MODES, PackedBatchSampler, PackedDataset
@@ -348,7 +349,7 @@ def _validate(
         )
     if packing_mode not in PACKING_MODES:
         raise ValueError(f"packing_mode = {packing_mode!r}; choose one of {', '.join(PACKING_MODES)}.")
-    if isinstance(packing_buffer_size, bool) or not isinstance(packing_buffer_size, int) or packing_buffer_size < 1:
+    if not is_positive_int(packing_buffer_size):
         raise ValueError(f"packing_buffer_size = {packing_buffer_size!r}; use a positive integer (e.g. 1024).")
     row_capacity = max_seq_len if max_tokens_per_row is None else whole_number(max_tokens_per_row, "max_tokens_per_row")
     if row_capacity < max_seq_len:

@@ -52,6 +52,8 @@ from typing import Any, Literal
 import numpy as np
 from torch.utils.data import Dataset, DistributedSampler
 
+from foundry_padfree.config import is_positive_int
+
 PackingMode = Literal["budget", "flatten"]
 EMPTY_ROW = -1  # the example index of a sampler key that stands for a row of padding
 PACKING_MODES: tuple[str, ...] = ("budget", "flatten")
@@ -171,7 +173,7 @@ class PackedBatchSampler(DistributedSampler):
     ):
         if mode not in PACKING_MODES:
             raise ValueError(f"packing_mode = {mode!r}; choose one of {', '.join(PACKING_MODES)}.")
-        if isinstance(device_batch_size, bool) or not isinstance(device_batch_size, int) or device_batch_size < 1:
+        if not is_positive_int(device_batch_size):
             raise ValueError(f"device_batch_size = {device_batch_size!r}; it must be a positive integer.")
         if len(lengths) == 0:
             raise ValueError("the dataset has no examples; there is nothing to pack.")
@@ -182,7 +184,7 @@ class PackedBatchSampler(DistributedSampler):
         self.device_batch_size = device_batch_size
         self.row_capacity = row_capacity
         self.buffer_size = buffer_size
-        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
+        if not is_positive_int(buffer_size):
             raise ValueError(f"packing_buffer_size = {buffer_size!r}; use a positive integer (1024 is a good default).")
         # Checked here rather than at the first epoch, so that a bad length fails at build time.
         too_long = np.flatnonzero((self.lengths < 1) | (self.lengths > row_capacity))
