@@ -17,7 +17,7 @@ from torch import Tensor
 
 from foundry_padfree import kernels
 from foundry_padfree.config import is_positive_int
-from foundry_padfree.varlen import IGNORE_INDEX
+from foundry_padfree.varlen import IGNORE_INDEX, bad_labels
 
 
 def _nll_and_grad(logits_CV: Tensor, t_C: Tensor, valid_C: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -192,6 +192,7 @@ def linear_cross_entropy(
     fused: bool = True,
     deferred_weight_grad: DeferredHeadGrad | None = None,
     all_targets: bool = False,
+    targets_checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of `h_TD @ weight_VD.T` against `targets_T`, computed `chunk` tokens at a time.
 
@@ -210,6 +211,8 @@ def linear_cross_entropy(
             that shares it instead of returning it (`DeferredHeadGrad`); that backward must run.
         all_targets: the caller guarantees that no target is IGNORE_INDEX (it passes only tokens
             with a target): the gradient products then skip masking their `[C,D]` inputs.
+        targets_checked: the caller has checked every target already (the model: `unpad` checks
+            the labels against the vocabulary), so they are not checked again here.
 
     Returns:
         (loss, number of tokens with a target), both 0-dim tensors on the device (no sync).
@@ -222,21 +225,28 @@ def linear_cross_entropy(
     if not is_positive_int(chunk):
         raise ValueError(f"chunk={chunk!r} must be a positive number of tokens (e.g. 4096).")
     targets_T = targets_T.long()
-    bad_T = (targets_T != IGNORE_INDEX) & ((targets_T < 0) | (targets_T >= weight_VD.shape[0]))
-    if targets_T.device.type == "cpu" and bool(bad_T.any()):
-        t = int(torch.nonzero(bad_T)[0])
-        raise ValueError(
-            f"targets_T[{t}] = {int(targets_T[t])} is neither a class in [0, {weight_VD.shape[0]}) nor "
-            f"IGNORE_INDEX ({IGNORE_INDEX})."
-        )
-    if targets_T.device.type != "cpu":  # no sync: checked where the targets are
-        torch._assert_async(~bad_T.any(), f"targets outside [0, {weight_VD.shape[0]}) that are not {IGNORE_INDEX}")
+    if not targets_checked:
+        _check_targets(targets_T, weight_VD.shape[0])
     num_targets = (targets_T != IGNORE_INDEX).sum()
     need_grad = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
     loss_sum = _ChunkedLinearCrossEntropy.apply(
         h_TD, weight_VD, targets_T, chunk, need_grad, compile_backend, fused, deferred_weight_grad, all_targets
     )
     return _reduced(loss_sum, num_targets, reduction)
+
+
+def _check_targets(targets_T: Tensor, num_classes: int) -> None:
+    """Raise for a target outside [0, V) that is not IGNORE_INDEX: at once on the host, as a
+    device-side assert on a GPU (no sync)."""
+    bad_T = bad_labels(targets_T, num_classes)
+    if targets_T.device.type != "cpu":
+        torch._assert_async(~bad_T.any(), f"targets outside [0, {num_classes}) that are not {IGNORE_INDEX}")
+    elif bool(bad_T.any()):
+        t = int(torch.nonzero(bad_T)[0])
+        raise ValueError(
+            f"targets_T[{t}] = {int(targets_T[t])} is neither a class in [0, {num_classes}) nor "
+            f"IGNORE_INDEX ({IGNORE_INDEX})."
+        )
 
 
 def module_cross_entropy(

@@ -908,6 +908,7 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                     fused=self.config.fused_kernels,
                     deferred_weight_grad=head_grad,
                     all_targets=batch.supervised_have_targets,
+                    targets_checked=True,  # `unpad` checked the labels against the vocabulary
                 )
             else:  # a wrapped or hooked head (LoRA, a hook) runs as itself, on the supervised tokens
                 loss, num_loss_tokens = module_cross_entropy(self.lm_head, h_TD, targets_T, reduction)

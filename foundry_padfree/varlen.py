@@ -155,13 +155,9 @@ def unpad(
 
     if attention_mask is None and sequence_id is None and position_ids is None:
         if labels is not None and vocab_size is not None and labels.device.type == "cpu":  # no sync to avoid
-            bad = torch.nonzero(_bad_labels(labels, vocab_size))
+            bad = torch.nonzero(bad_labels(labels, vocab_size))
             if len(bad):
-                r, c = (int(v) for v in bad[0])
-                raise ValueError(
-                    f"labels[{r}, {c}] = {int(labels[r, c])} is neither a token id in [0, vocab_size={vocab_size}) "
-                    f"nor IGNORE_INDEX ({IGNORE_INDEX}); mark tokens without a target with {IGNORE_INDEX}."
-                )
+                raise _bad_label_error(labels, *(int(v) for v in bad[0]), vocab_size)
             vocab_size = None  # checked
         return _unpad_dense(_to(input_ids, device), _to(labels, device), max_positions, vocab_size)
 
@@ -187,7 +183,7 @@ def unpad(
     if labels is not None:
         flags_BS |= (labels != IGNORE_INDEX).to(torch.uint8) * _SUPERVISED
         if vocab_size is not None:
-            flags_BS |= _bad_labels(labels, vocab_size).to(torch.uint8) * _BAD_LABEL
+            flags_BS |= bad_labels(labels, vocab_size).to(torch.uint8) * _BAD_LABEL
 
     flags = flags_BS.cpu().numpy()  # the one device-to-host sync of a forward
     real = (flags & _REAL).astype(bool)
@@ -266,7 +262,7 @@ def _unpad_dense(
         # Checked on the device (a device-side assert), to keep this path free of syncs. A batch
         # with an attention_mask, or given on the host, gets the full error message instead.
         torch._assert_async(
-            ~_bad_labels(labels, vocab_size).any(),
+            ~bad_labels(labels, vocab_size).any(),
             f"labels hold values outside [0, {vocab_size}) that are not IGNORE_INDEX ({IGNORE_INDEX}); "
             f"mark tokens without a target with {IGNORE_INDEX}.",
         )
@@ -301,7 +297,7 @@ def _shift_targets(labels_T: Tensor, meta: VarlenMeta, last_T: Tensor | None = N
     return targets_T.masked_fill(last_T, IGNORE_INDEX)  # not an index_put: that would sync
 
 
-def _bad_labels(labels: Tensor, vocab_size: int) -> Tensor:
+def bad_labels(labels: Tensor, vocab_size: int) -> Tensor:
     """(B, S) bool: labels that are neither IGNORE_INDEX nor a token id of the vocabulary."""
     labels = labels.long()  # a vocabulary size past a narrower dtype's range would wrap
     return (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
@@ -355,12 +351,14 @@ def _check_rows(
         )
     bad_label = np.argwhere((flags & _BAD_LABEL).astype(bool) & real)
     if len(bad_label):
-        r, c = (int(v) for v in bad_label[0])
-        value = int(labels[r, c])  # error path only
-        raise ValueError(
-            f"labels[{r}, {c}] = {value} is neither a token id in [0, vocab_size={vocab_size}) nor "
-            f"IGNORE_INDEX ({IGNORE_INDEX}); mark tokens without a target with {IGNORE_INDEX}."
-        )
+        raise _bad_label_error(labels, *(int(v) for v in bad_label[0]), vocab_size)  # error path: a sync is fine
+
+
+def _bad_label_error(labels: Tensor, r: int, c: int, vocab_size: int) -> ValueError:
+    return ValueError(
+        f"labels[{r}, {c}] = {int(labels[r, c])} is neither a token id in [0, vocab_size={vocab_size}) nor "
+        f"IGNORE_INDEX ({IGNORE_INDEX}); mark tokens without a target with {IGNORE_INDEX}."
+    )
 
 
 def _warn_if_labels_outside_documents(real: np.ndarray, flags: np.ndarray) -> None:
