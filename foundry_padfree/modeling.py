@@ -958,8 +958,8 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                 f"generate() got {', '.join(packed)}: it decodes one prompt per row. Pass each document as its "
                 "own row (padded on the left, with attention_mask) instead of packed rows."
             )
-        if attention_mask is not None and (attention_mask[:, :-1].bool() & ~attention_mask[:, 1:].bool()).any():
-            row = int((attention_mask[:, :-1].bool() & ~attention_mask[:, 1:].bool()).any(dim=1).nonzero()[0])
+        row = _first_right_padded_row(attention_mask)
+        if row is not None:
             raise ValueError(
                 f"generate() got row {row} with padding after its real tokens (attention_mask "
                 f"{attention_mask[row].tolist()}); new tokens go after the last column, so pad prompts on the left "
@@ -1008,6 +1008,15 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
             hub_kwargs = dict(bound.arguments.get("kwargs", {}))
             repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
             self.push_to_hub(repo_id, token=bound.arguments.get("token"), **hub_kwargs)
+
+
+def _first_right_padded_row(attention_mask: Tensor | None) -> int | None:
+    """The first row with a real token followed by padding (a prompt padded on the right), or None."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    rows = (mask[:, :-1] & ~mask[:, 1:]).any(dim=1).nonzero()
+    return int(rows[0]) if len(rows) else None
 
 
 def training_flops(config: PadFreeLlamaConfig, num_params: int, doc_lens: tuple[int, ...] | list[int]) -> int:

@@ -266,6 +266,11 @@ def test_forward_hooks_on_submodules_run_as_in_hf(fused_kernels):
             layer.mlp.down_proj.register_forward_hook(_scale_output)
         m.model.embed_tokens.register_forward_hook(_scale_output)
         m.lm_head.register_forward_hook(_scale_output)
+    assert_trains_as_hf(model, hf)
+
+
+def assert_trains_as_hf(model, hf):
+    """Loss and every gradient equal stock HF's on a right-padded batch."""
     ids, mask, labels, _ = padded_batch([9, 6, 3], "right")
     ours, ref = model(ids, attention_mask=mask, labels=labels), hf(ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(ours.loss, ref.loss, **TOL)
@@ -289,12 +294,7 @@ def test_hooks_on_the_blocks_attention_mlp_and_norms_run_as_in_hf(fused_kernels)
         m.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
         m.model.layers[1].input_layernorm.register_forward_hook(_scale_output)
         m.model.layers[1].post_attention_layernorm.register_forward_hook(_scale_output)
-    ids, mask, labels, _ = padded_batch([9, 6, 3], "right")
-    ours, ref = model(ids, attention_mask=mask, labels=labels), hf(ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(ours.loss, ref.loss, **TOL)
-    ours.loss.backward()
-    ref.loss.backward()
-    assert_same_grads(model, hf)
+    assert_trains_as_hf(model, hf)
 
 
 def test_pruned_projection_trains_as_in_hf():
