@@ -365,6 +365,8 @@ def _warn_if_labels_outside_documents(real: np.ndarray, flags: np.ndarray) -> No
     """Warn (once per kind) about labels that no token of their document predicts: on padding, or
     on the first real token of a left-padded row. Stock Llama shifts labels along the padded row
     and trains on them from the padding position before; here they are not targets."""
+    if _warned.issuperset(_WARNED_LABELS):  # both said: no work on the batch at later steps
+        return
     supervised = (flags & _SUPERVISED).astype(bool)
     on_padding = np.argwhere(supervised & ~real)
     first = real.argmax(axis=1)
@@ -372,19 +374,20 @@ def _warn_if_labels_outside_documents(real: np.ndarray, flags: np.ndarray) -> No
     after_padding = left_padded[supervised[left_padded, first[left_padded]]]
     if len(on_padding):
         r, c = (int(v) for v in on_padding[0])
-        _warn_once("labels on padding", f"labels[{r}, {c}] is on padding and is not {IGNORE_INDEX}: padding is no "
+        _warn_once(_WARNED_LABELS[0], f"labels[{r}, {c}] is on padding and is not {IGNORE_INDEX}: padding is no "
                    f"document's token, so no loss is taken on it here, while stock LlamaForCausalLM (which shifts "
                    f"labels along the padded row) trains on it. Set labels to {IGNORE_INDEX} on padding "
                    f"(labels[attention_mask == 0] = {IGNORE_INDEX}) to get stock Llama's loss exactly.")  # fmt: skip
     if len(after_padding):
         r = int(after_padding[0])
-        _warn_once("labels after left padding", f"labels[{r}, {int(first[r])}], on the first real token of "
+        _warn_once(_WARNED_LABELS[1], f"labels[{r}, {int(first[r])}], on the first real token of "
                    f"left-padded row {r}, is not {IGNORE_INDEX}: no token of its document comes before it, so it "
                    f"is not a target here, while stock LlamaForCausalLM trains on it from the padding position "
                    f"before it. Set it to {IGNORE_INDEX} to get stock Llama's loss exactly.")  # fmt: skip
 
 
 _warned: set[str] = set()
+_WARNED_LABELS = ("labels on padding", "labels after left padding")
 
 
 def _warn_once(kind: str, message: str) -> None:
