@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     mixes = {"alpaca": [n for n, _ in mix_steps(alpaca_docs(DEFAULT_DATA, 2048), [args.budget], 0)[0]]}
     mixes |= {f"sweep{n}": [n] * max(1, args.budget // n) for n in args.sweep_lengths if n <= args.budget}
     rows = []
-    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} | torch {torch.__version__} | {dtype}")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{gpu} | torch {torch.__version__} | {dtype}")
     print(
         "| shape | data | backend | fwd ms/layer | fwd+bwd ms/layer | fwd+bwd ms/step (all layers) | causal TFLOP/s |"
     )
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"{r['fwd_bwd_ms'] * heads[3]:.1f} | {r['tflops']:.0f} |", flush=True)  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(command=" ".join(sys.argv), device=str(device), rows=rows), indent=1))
+        run = dict(command=" ".join(sys.argv), device=gpu, torch=torch.__version__, rows=rows)
+        args.out.write_text(json.dumps(run, indent=1))
     return rows
 
 
