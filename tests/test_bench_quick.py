@@ -112,6 +112,47 @@ def test_targets_are_reported(report):
     assert any("compiled / hf_concat" in n for n in names)
     assert any("recompiles" in n for n in names)
     assert report["matmul_tflops"] > 0
+    compiled = next(r for r in report["results"] if r["system"] == "ours_compiled" and r["data"] == "alpaca@128")
+    assert compiled["compiles_during_warmup"] >= 1  # its first graphs, compiled in warm-up and reported
+
+
+def _row(system: str, tps: float, median_ms: float, data: str = "alpaca@100", **extra) -> dict:
+    return dict(shape="s", data=data, budget=100, system=system, status="ok", real_tokens_per_s=tps,
+                step_ms_median=median_ms, step_ms=[median_ms], peak_mem_gib=1.0, **extra)  # fmt: skip
+
+
+def test_targets_use_the_default_backend_and_only_an_isolated_padding_free_reference():
+    bench = _load_bench()
+    results = [
+        _row("hf_concat", 100.0, 10.0),
+        _row("hf_padfree", 10.0, 100.0, isolated=False),  # documents saw each other: no reference
+        _row("ours_eager_triton", 200.0, 5.0),
+        _row("ours_eager_torch_varlen", 300.0, 4.0),  # faster, but not what `auto` gives
+    ]
+    targets = {t["target"]: t for t in bench.check_targets(dict(results=results, auto_backend={"s": "triton"}))}
+    concat = targets["s eager / hf_concat @100"]
+    assert (concat["value"], concat["system"], concat["median_ratio"]) == (2.0, "ours_eager_triton", 2.0)
+    assert targets["s eager / hf_padfree @100"]["value"] is None
+    assert targets["s eager / hf_padfree @100"]["met"] is None
+    # Without the default backend's run, the fastest eager backend that ran.
+    results = [r for r in results if r["system"] != "ours_eager_triton"]
+    targets = {t["target"]: t for t in bench.check_targets(dict(results=results, auto_backend={"s": "triton"}))}
+    assert targets["s eager / hf_concat @100"]["system"] == "ours_eager_torch_varlen"
+
+
+def test_speed_targets_give_the_ratio_of_median_steps_beside_the_rate():
+    bench = _load_bench()
+    hf = _row("hf_padded", 10.0, 40.0)  # most steps 40 ms; two stalls pulled its rate down
+    results = [hf, _row("ours_eager_sdpa", 60.0, 20.0)]
+    (target,) = [t for t in bench.check_targets(dict(results=results)) if "hf_padded" in t["target"]]
+    assert (target["value"], target["median_ratio"], target["met"]) == (6.0, 2.0, True)
+
+
+def test_the_padding_free_child_refuses_a_transformers_that_would_not_isolate(monkeypatch):
+    bench = _load_bench()
+    monkeypatch.setattr(bench, "_packed_sdpa_native", lambda: False)
+    result = bench._run_hf_padfree_task({}, None, bench.torch.device("cpu"))
+    assert result["status"].startswith("not run:") and "4.54" in result["status"]
 
 
 def test_attention_bench_quick_runs_and_reports(tmp_path):
