@@ -480,7 +480,7 @@ def train(
         step_ms=[float(t) for t in step_ms],
         peak_mem_gib=peak,
         timed_steps=len(timed),
-        loss=float(loss),
+        loss=float(loss.detach()),
         compiles_during_warmup=compiles_before - compiles_at_start,
         compiles_during_timing=dynamo_compiles() - compiles_before,
     )
@@ -495,7 +495,7 @@ def train(
         sync(device)
         result["recompile_check_steps"] = len(extra)
         result["recompiles_after_warmup"] = dynamo_compiles() - before
-        result["loss_after_check"] = float(loss)
+        result["loss_after_check"] = float(loss.detach())
     if count_syncs and device.type == "cuda":
         result.update(count_device_syncs(model, opt, pinned[-1], device, prepare, batch_on_device))
     if profile:
@@ -1002,10 +1002,9 @@ def print_tables(report: dict) -> None:
         notes = r.get("attn_backend") or r.get("transformers", "")
         if "isolated" in r:
             notes += "" if r["isolated"] else " (documents NOT isolated)"
-        if r.get("compiles_during_warmup"):
-            notes += f", {r['compiles_during_warmup']} graphs compiled in warm-up"
-        if r.get("compiles_during_timing"):
-            notes += f", {r['compiles_during_timing']} graphs compiled while timed"
+        for when, key in (("in warm-up", "compiles_during_warmup"), ("while timed", "compiles_during_timing")):
+            if n := r.get(key):
+                notes += f", {n} graph{'s' if n > 1 else ''} compiled {when}"
         if r.get("status") != "ok":
             print(f"| {r['shape']} | {r['data']} | {r['system']} | {str(r.get('status'))[:60]} | | | | | | {notes} |")
             continue
