@@ -1,15 +1,17 @@
 """foundry_padfree: padding-free Llama training for Composer and LLM-Foundry."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="foundry_padfree",
     version="0.1.0",
     description="Padding-free (varlen) Llama training for MosaicML Composer and LLM-Foundry",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["foundry_padfree", "foundry_padfree.*"]),
     install_requires=[
         # llm-foundry 0.22 pins torch 2.7.0, transformers 4.51 and composer 0.32.
@@ -23,7 +25,9 @@ setup(
         "tokenizers>=0.21",
     ],
     extras_require={
-        "gpu": ["flash-attn>=2.7"],
+        # flash-attn builds against the installed torch: `pip install --no-build-isolation .[gpu]`.
+        # 2.8 is the first release with prebuilt wheels for torch 2.7 (older ones compile for hours).
+        "gpu": ["flash-attn>=2.8"],
         "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6", "modal>=1.0"],
         "modal": ["modal>=1.0"],
     },

@@ -45,6 +45,10 @@ MAX_GPUS = 8  # GPUs in one Modal container
 # predates torch 2.7: its setup finds no wheel and compiles from source (hours) on the image build.
 FLASH_ATTN = "flash-attn==2.8.3"
 TIMEOUT_S = 24 * 3600  # Modal's longest function timeout
+# Reserved per GPU: each rank's trainer and its data-loader workers (the YAMLs' num_workers) need
+# cores and host memory; Modal's default reservation is a fraction of one core and 128 MiB.
+CPU_PER_GPU = 4.0
+MEMORY_MIB_PER_GPU = 32 * 1024
 # Set in every launched process's environment (see the module docstring).
 DIST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 INSTALL_COMMANDS = (
@@ -54,8 +58,8 @@ INSTALL_COMMANDS = (
     f"uv pip install --system --no-build-isolation {FLASH_ATTN}",
 )
 # Local files that must not go into the image (virtualenv, wheels, caches, run outputs).
-IMAGE_IGNORE = [".venv", ".git", ".whl", ".data", "runs", "**/__pycache__", ".hypothesis", ".pytest_cache",
-                ".ruff_cache", "*.egg-info"]  # fmt: skip
+IMAGE_IGNORE = [".venv", ".git", ".whl", ".data", "runs", "logs", "build", "dist", "**/__pycache__", ".hypothesis",
+                ".pytest_cache", ".ruff_cache", "*.egg-info"]  # fmt: skip
 
 image = (
     modal.Image.from_registry("nvidia/cuda:12.6.3-devel-ubuntu22.04", add_python="3.11")
@@ -122,13 +126,18 @@ def launch_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return {**(os.environ if base is None else base), "PYTHONUNBUFFERED": "1", **DIST_ENV}
 
 
+def resources(gpu_type: str, gpus: int) -> dict:
+    """`App.function` options for `gpus` GPUs of `gpu_type`: the GPUs, and cores and memory for their ranks."""
+    return dict(gpu=f"{gpu_type}:{gpus}", cpu=CPU_PER_GPU * gpus, memory=MEMORY_MIB_PER_GPU * gpus)
+
+
 def check_run_name(run_name: str) -> None:
     """Raises ValueError unless `run_name` is a plain folder name (it names the run's folder)."""
     if not run_name or "/" in run_name or run_name.startswith("."):
         raise ValueError(f"run_name={run_name!r} must be a plain folder name (no '/', not starting with '.').")
 
 
-@app.function(gpu=f"{DEFAULT_GPU_TYPE}:{DEFAULT_GPUS}", volumes={VOLUME_DIR: volume}, timeout=TIMEOUT_S)
+@app.function(**resources(DEFAULT_GPU_TYPE, DEFAULT_GPUS), volumes={VOLUME_DIR: volume}, timeout=TIMEOUT_S)
 def train(yaml: str, gpus: int, overrides: list[str], run_name: str, volume_dir: str = VOLUME_DIR) -> int:
     """Launch `composer -n gpus` on the YAML; return its exit code. Checkpoints go to the Volume,
     under `<volume_dir>/runs/<run_name>/checkpoints`."""
@@ -156,7 +165,7 @@ def main(
     override_list = shlex.split(overrides)
     check_run_name(run_name)
     build_command(yaml, gpus, override_list, f"{VOLUME_DIR}/runs/{run_name}")  # fail here, before the GPUs start
-    options: dict = {"gpu": f"{gpu_type}:{gpus}"}
+    options = resources(gpu_type, gpus)
     if secret:
         options["secrets"] = [modal.Secret.from_name(secret)]
     code = train.with_options(**options).remote(yaml, gpus, override_list, run_name)

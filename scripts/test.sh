@@ -4,5 +4,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
-.venv/bin/ruff check foundry_padfree scripts tests
+.venv/bin/ruff check foundry_padfree scripts tests setup.py
 exec .venv/bin/python -m pytest -q "$@"

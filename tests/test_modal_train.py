@@ -44,12 +44,29 @@ def test_app_and_function_definition(monkeypatch):
     assert isinstance(module.train, modal.Function)
     assert len(calls) == 1, calls
     assert calls[0]["gpu"] == "H100:8"
+    assert calls[0]["cpu"] == 32.0 and calls[0]["memory"] == 8 * 32 * 1024  # cores and memory for 8 ranks
     assert calls[0]["timeout"] == 24 * 3600
     assert calls[0]["volumes"] == {"/vol": module.volume}
     spec = module.train._spec_  # the definition as modal holds it (no public accessor in 1.x)
     assert spec.gpus == "H100:8" and list(spec.volumes) == ["/vol"]
     assert "'foundry-padfree'" in repr(spec.volumes["/vol"])  # Volume.from_name("foundry-padfree")
     assert repr(spec.image) == repr(module.image)  # the app's image (same last build step)
+
+
+def test_main_asks_for_the_gpus_with_cores_and_memory_for_their_ranks(monkeypatch):
+    launched = []
+
+    class Launch:
+        def remote(self, *args):
+            launched.append(args)
+            return 0
+
+    options = []
+    monkeypatch.setattr(modal_train.train, "with_options", lambda **kw: options.append(kw) or Launch())
+    modal_train.main.info.raw_f(yaml="yamls/padfree-llama-cpu.yaml", gpus=2, gpu_type="H200",
+                                overrides="max_duration=4ba", run_name="r1")  # fmt: skip
+    assert options == [dict(gpu="H200:2", cpu=8.0, memory=2 * 32 * 1024)]
+    assert launched == [("yamls/padfree-llama-cpu.yaml", 2, ["max_duration=4ba"], "r1")]
 
 
 def test_image_installs_flash_attn_and_the_project():
