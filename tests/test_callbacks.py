@@ -205,6 +205,47 @@ def test_audit_fails_when_the_embedding_gets_other_ids(model_dir, monkeypatch):
         fit(composer_model(model_dir), [PadFreeAudit(interval=1, strict=True)], batches=1)
 
 
+def _unpad_with_meta(monkeypatch, change) -> None:
+    """`modeling.unpad` whose metadata is passed through `change` (a wrong but well-formed one)."""
+    unpad = modeling.unpad
+
+    def changed(*args, **kwargs):
+        out = unpad(*args, **kwargs)
+        return out._replace(meta=change(out.meta))
+
+    monkeypatch.setattr(modeling, "unpad", changed)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m._replace(position_ids_T=torch.arange(m.num_tokens)), r"RoPE positions differ"),
+        (lambda m: m._replace(max_seqlen=m.max_seqlen + 1), r"max_seqlen = \d+, longest document = \d+"),
+        # The first two documents as one: the same tokens, other boundaries.
+        (lambda m: m._replace(doc_lens=(m.doc_lens[0] + m.doc_lens[1], *m.doc_lens[2:])),
+         r"the model saw documents of lengths"),
+    ],
+    ids=["positions", "max_seqlen", "doc_lens"],
+)  # fmt: skip
+def test_audit_fails_on_metadata_that_does_not_match_the_batch(model_dir, monkeypatch, change, message):
+    _unpad_with_meta(monkeypatch, change)
+    with pytest.raises(PadFreeCheckError, match=message):
+        fit(composer_model(model_dir), [PadFreeAudit(interval=1, strict=True)], batches=1)
+
+
+def test_audit_fails_when_the_loss_counts_other_targets(model_dir):
+    model = composer_model(model_dir)
+    forward = model.forward
+
+    def one_more_target(batch):
+        out = forward(batch)
+        return out.__class__(loss=out.loss, logits=out.logits, num_loss_tokens=out.num_loss_tokens + 1)
+
+    model.forward = one_more_target
+    with pytest.raises(PadFreeCheckError, match=r"the loss was taken over (\d+) targets; the batch's labels have"):
+        fit(model, [PadFreeAudit(interval=1, strict=True)], batches=1)
+
+
 def test_audit_fails_on_wrong_loss_token_counts(model_dir, monkeypatch):
     # LLM-Foundry's count includes the label at each document start, which the model never trains
     # on; token-weighted accumulation would then weigh microbatches wrongly.
@@ -239,6 +280,41 @@ def test_probes_catch_cross_document_attention(model_dir, monkeypatch, callback,
     monkeypatch.setitem(BACKENDS, "sdpa", Backend("sdpa", leaky_attend))
     with pytest.raises(PadFreeCheckError, match=message):
         fit(composer_model(model_dir), [callback], batches=1)
+
+
+def test_parity_fails_on_logits_alone(model_dir, monkeypatch):
+    # Every logit of the reference one higher: the softmax, and so the loss, is unchanged; only
+    # the logits' comparison can see it.
+    build = PadFreeParity._reference_with_current_weights
+
+    def shifted(self, state):
+        ref = build(self, state)
+        ref.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
+        return ref
+
+    monkeypatch.setattr(PadFreeParity, "_reference_with_current_weights", shifted)
+    with pytest.raises(PadFreeCheckError, match=r"logits differ from the padded reference by 1") as caught:
+        fit(composer_model(model_dir), [PadFreeParity(interval=1, strict=True)], batches=1)
+    assert "vs padded reference" not in str(caught.value)  # the loss agreed
+
+
+def _within_rows_attend(q_TNH, k_TKH, v_TKH, meta, scale):
+    """Causal over each row's whole token stream, never across rows: a document sees the earlier
+    documents of its row (the leak packing causes), and documents of other rows see nothing."""
+    groups = q_TNH.shape[1] // k_TKH.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k_TKH, v_TKH))
+    row_T = meta.indices_T // meta.seq_len
+    allowed = (row_T[:, None] == row_T[None, :]) & torch.ones(len(row_T), len(row_T), dtype=torch.bool).tril()
+    out = torch.nn.functional.scaled_dot_product_attention(q_TNH.transpose(0, 1), k, v, attn_mask=allowed, scale=scale)
+    return out.transpose(0, 1)
+
+
+def test_isolation_probes_the_documents_after_the_perturbed_one_in_its_row(model_dir, monkeypatch):
+    # Only documents later in the perturbed document's row can move: the probe must perturb one
+    # that has documents after it (the first of the busiest row).
+    monkeypatch.setitem(BACKENDS, "sdpa", Backend("sdpa", _within_rows_attend))
+    with pytest.raises(PadFreeCheckError, match=r"moved other documents' logits by up to"):
+        fit(composer_model(model_dir), [PadFreeIsolation(interval=1, strict=True)], batches=1)
 
 
 def test_parity_tolerance_follows_the_precision_of_the_products(monkeypatch):
