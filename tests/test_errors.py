@@ -47,6 +47,24 @@ def test_document_longer_than_position_limit(how):
     torch.testing.assert_close(model(ids, **kwargs).logits, hf.eval()(ids, **kwargs).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["dense", "sequence_id", "position_ids"])
+def test_a_document_exactly_at_the_position_limit_trains_as_hf(how):
+    model = tiny_model(max_position_embeddings=8)
+    ids = torch.randint(3, 97, (1, 8))
+    kwargs = {
+        "dense": {},
+        "sequence_id": {"sequence_id": torch.zeros_like(ids)},
+        "position_ids": {"position_ids": torch.arange(8)[None]},
+    }[how]
+    hf = LlamaForCausalLM(model.config.to_llama_config())
+    hf.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ids, labels=ids, **kwargs).loss, hf.eval()(ids, labels=ids).loss,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match=r"max_position_embeddings"):  # one token more is refused
+        model(torch.cat([ids, ids[:, :1]], 1), labels=torch.cat([ids, ids[:, :1]], 1),
+              **{k: torch.cat([v, v[:, -1:] + (k == "position_ids")], 1) for k, v in kwargs.items()})  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["labels", "sequence_id", "position_ids"])
 def test_float_per_token_tensors(model, name):
     ids = torch.randint(3, 97, (1, 6))

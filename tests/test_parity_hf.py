@@ -71,6 +71,29 @@ def assert_matches_hf(model, ids, mask, labels):
     return ours
 
 
+@pytest.mark.parametrize("theta", [100.0, 500000.0])
+def test_rope_theta_matches_hf(theta):
+    # Llama 3's 500000 and a small base, under which positions 0..11 already turn far.
+    model = tiny_model(rope_theta=theta).train()
+    assert_trains_as_hf(model, hf_twin(model).train())
+
+
+def test_compiled_loss_skips_ignored_labels_as_hf_does():
+    # A dense batch without attention_mask sends its -100 labels into the loss's chunks, where the
+    # compiled loss must leave them out as the eager one does.
+    model = tiny_model().train()
+    hf = hf_twin(model).train()
+    model.compile_layers("aot_eager")
+    ids = torch.randint(3, 97, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    ours, ref = model(ids, labels=labels), hf(ids, labels=labels)
+    torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+    ours.loss.backward()
+    ref.loss.backward()
+    assert_same_grads(model, hf)
+
+
 def test_right_padding_without_position_ids_matches_hf():
     # Right padding: HF's default positions arange(S) are the per-document ones.
     assert_matches_hf(tiny_model(), *padded_batch([9, 5, 2], "right")[:3])
@@ -295,6 +318,37 @@ def test_hooks_on_the_blocks_attention_mlp_and_norms_run_as_in_hf(fused_kernels)
         m.model.layers[1].input_layernorm.register_forward_hook(_scale_output)
         m.model.layers[1].post_attention_layernorm.register_forward_hook(_scale_output)
     assert_trains_as_hf(model, hf)
+
+
+@pytest.mark.parametrize("fused_kernels", [True, False], ids=["fused", "unfused"])
+def test_global_forward_hooks_run_as_in_hf(fused_kernels):
+    # `register_module_forward_hook` reaches every module, so the fused block and loss must leave
+    # their shortcuts as they do for a hook on one module.
+    model = tiny_model(fused_kernels=fused_kernels).train()
+    hf = hf_twin(model).train()
+
+    def scale_linears(module, args, output):
+        return output * 1.5 if isinstance(module, torch.nn.Linear) else output
+
+    handle = torch.nn.modules.module.register_module_forward_hook(scale_linears)
+    try:
+        assert_trains_as_hf(model, hf)
+    finally:
+        handle.remove()
+
+
+def test_a_hooked_head_takes_the_loss_in_fp32_as_hf_does():
+    # A hook on lm_head sends the loss through the module's own output: in bf16 weights its logits
+    # are bf16, and HF upcasts them to fp32 before the cross-entropy.
+    model = tiny_model(vocab_size=4096).to(torch.bfloat16).train()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # logits of tens: bf16's rounding of the log-sum-exp shows
+    model.lm_head.register_forward_hook(lambda module, args, out: out)
+    ids = torch.randint(3, 4096, (2, 16))
+    out = model(ids, labels=ids)
+    logits = model.lm_head(model.model(ids).last_hidden_state).float()
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 4096), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss.float(), ref, atol=0, rtol=1e-5)
 
 
 def test_pruned_projection_trains_as_in_hf():

@@ -182,6 +182,7 @@ def test_pretrain_smollm2_yaml_runs_shrunk(tiny_tokenizer_dir, tmp_path):
     loss = _logged(trainer, "loss/train/total")
     assert len(loss) == 2 and all(math.isfinite(v) for v in loss), loss
     assert set(_logged(trainer, "padfree/audit/passed")) == {1.0}
+    assert set(_logged(trainer, "padfree/parity/passed")) == {1.0}  # stock HF Llama at rope_theta 100000 too
     assert _logged(trainer, "metrics/eval/LanguageCrossEntropy")
     assert (tmp_path / "out" / "hf" / "huggingface" / "ba2" / "config.json").exists()
     trainer.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import foundry_padfree.modeling as modeling
+import foundry_padfree.varlen as varlen
 from foundry_padfree import IGNORE_INDEX, unpad
 from foundry_padfree.attention import BACKENDS, Backend
 from tests.conftest import tiny_model
@@ -108,6 +110,28 @@ def test_a_host_batch_bound_for_another_device_lands_there_whole():
         for name in ("indices_T", "cu_seqlens_N1", "position_ids_T"):
             t, ref = getattr(there.meta, name), getattr(here.meta, name)
             assert t.device.type == "meta" and t.shape == ref.shape and t.dtype == ref.dtype, (kwargs, name)
+
+
+def test_a_host_batch_bound_for_another_device_gathers_the_same_values(monkeypatch):
+    # The values of the host path above: the copies to the other device left out (they keep
+    # tensors on the CPU here), what the host gathered must equal the same-device unpad's tensors.
+    monkeypatch.setattr(varlen, "_to", lambda t, device: t)
+    monkeypatch.setattr(varlen, "_to_device", lambda a, dtype, device: torch.tensor(np.asarray(a), dtype=dtype))
+    seq_id = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, -1, -1]])
+    ids = torch.arange(12).view(2, 6) + 10
+    labels = ids.clone()
+    labels[0, 3] = -100
+    positions = torch.tensor([[0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+    for kwargs in (dict(sequence_id=seq_id), dict(position_ids=positions), {}):
+        here = unpad(ids, labels=labels, **kwargs)
+        there = unpad(ids, labels=labels, device="meta", **kwargs)
+        for name in ("input_ids_T", "targets_T", "supervised_T"):
+            assert torch.equal(getattr(there, name), getattr(here, name)), (kwargs, name)
+        for name in ("indices_T", "cu_seqlens_N1", "position_ids_T"):
+            assert torch.equal(getattr(there.meta, name), getattr(here.meta, name)), (kwargs, name)
+    there = unpad(ids, labels=labels, device="meta", sequence_id=seq_id)
+    assert there.input_ids_T.tolist() == [10, 11, 12, 13, 14, 16, 17, 18, 19]
+    assert there.meta.position_ids_T.tolist() == [0, 1, 0, 1, 2, 0, 1, 2, 3]
 
 
 def test_a_batch_split_across_devices_is_refused():
