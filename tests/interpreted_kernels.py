@@ -429,7 +429,9 @@ def test_compiled_layers_trace_the_triton_attention_without_a_graph_break(checkp
     graphs = counters["stats"]["unique_graphs"]
     # Checkpointing runs each layer once without grad and once again in backward: two graphs.
     assert graphs == (2 if checkpointing else 1), graphs
-    loss_and_grads(compiled, {k: v[:, 3:] for k, v in batch.items()})
+    loss_and_grads(compiled, {k: v[:, 3:] for k, v in batch.items()})  # fewer tokens
+    assert counters["stats"]["unique_graphs"] == graphs
+    loss_and_grads(compiled, {k: torch.cat([v, v], 1) for k, v in batch.items()})  # more tokens, more documents
     assert counters["stats"]["unique_graphs"] == graphs
     monkeypatch.setattr(ta, "LONG_DOC_TOKENS", 1)  # every batch now takes LONG_DOCS
     long_loss, _ = loss_and_grads(compiled, batch)
