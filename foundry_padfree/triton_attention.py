@@ -174,25 +174,33 @@ if HAS_TRITON:
         return tl.load(TILES + tile * 4), tl.load(TILES + tile * 4 + 1), tl.load(TILES + tile * 4 + 2)
 
     @triton.jit
+    def _program(head_programs):
+        """(head program, tile) of this program in the 1-D grid of `head_programs` × tiles, all heads
+        of a tile next to each other, tiles in schedule order (a grid axis other than x holds at most
+        65,535 programs: a batch can have more tiles)."""
+        pid = tl.program_id(0)
+        return pid % head_programs, pid // head_programs
+
+    @triton.jit
     def _load_rows(ptr, rows, head, stride_t, stride_h, offs_d, row_ok, d_ok):
         """The `[rows, BLOCK_D]` block of one head of a `(T, heads, H)` tensor, zeros where masked."""
-        offsets = rows[:, None].to(tl.int64) * stride_t + head * stride_h + offs_d[None, :]
+        offsets = rows[:, None].to(tl.int64) * stride_t + head.to(tl.int64) * stride_h + offs_d[None, :]
         return tl.load(ptr + offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     @triton.jit
     def _store_rows(ptr, x, rows, head, stride_t, stride_h, offs_d, row_ok, d_ok):
-        offsets = rows[:, None].to(tl.int64) * stride_t + head * stride_h + offs_d[None, :]
+        offsets = rows[:, None].to(tl.int64) * stride_t + head.to(tl.int64) * stride_h + offs_d[None, :]
         tl.store(ptr + offsets, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _load_packed(ptr, rows, heads, stride_t, stride_h, offs_d, row_ok, d_ok):
         """`_load_rows` with a head per row (`_packed_rows`)."""
-        offsets = rows[:, None].to(tl.int64) * stride_t + heads[:, None] * stride_h + offs_d[None, :]
+        offsets = rows[:, None].to(tl.int64) * stride_t + heads[:, None].to(tl.int64) * stride_h + offs_d[None, :]
         return tl.load(ptr + offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     @triton.jit
     def _store_packed(ptr, x, rows, heads, stride_t, stride_h, offs_d, row_ok, d_ok):
-        offsets = rows[:, None].to(tl.int64) * stride_t + heads[:, None] * stride_h + offs_d[None, :]
+        offsets = rows[:, None].to(tl.int64) * stride_t + heads[:, None].to(tl.int64) * stride_h + offs_d[None, :]
         tl.store(ptr + offsets, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
@@ -235,12 +243,13 @@ if HAS_TRITON:
     def _fwd_kernel(
         Q, K, V, Out, LSE, TILES,
         stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_ot, stride_on,
-        T, scale_log2,
+        T, scale_log2, head_programs,
         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        n0 = tl.program_id(0) * PACK
-        q0, ds, de = _tile(TILES, tl.program_id(1))
+        head_program, tile = _program(head_programs)
+        n0 = head_program * PACK
+        q0, ds, de = _tile(TILES, tile)
         kh = n0 // GROUP
         offs_m, heads = _packed_rows(q0, n0, BLOCK_M, PACK)
         offs_d = tl.arange(0, BLOCK_D)
@@ -273,12 +282,12 @@ if HAS_TRITON:
         Q, K, V, DO, LSE, DELTA, DK, DV, TILES, COS, SIN,
         stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_dot, stride_don,
         stride_dkt, stride_dkn, stride_dvt, stride_dvn, stride_ct,
-        T, scale_log2, scale,
+        T, scale_log2, scale, head_programs,
         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
     ):  # fmt: skip
-        kh = tl.program_id(0)
-        k0, _, de = _tile(TILES, tl.program_id(1))
+        kh, tile = _program(head_programs)
+        k0, _, de = _tile(TILES, tile)
         offs_n = k0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM  # folds away when the head dim is a power of two
@@ -308,7 +317,7 @@ if HAS_TRITON:
                 ds_T = p_T * (dp_T - delta[None, :])
                 dk += tl.dot(ds_T.to(q.dtype), q, input_precision=PRECISION)
         if ROPE:  # keys were rotated by RoPE inside the op: the gradient of the unrotated keys
-            dk_offsets = offs_n.to(tl.int64) * stride_dkt + kh * stride_dkn
+            dk_offsets = offs_n.to(tl.int64) * stride_dkt + kh.to(tl.int64) * stride_dkn
             _store_unrotated(DK, dk * scale, dk_offsets, COS, SIN, stride_ct, offs_n, n_ok, BLOCK_N, HEAD_DIM)
         else:
             _store_rows(DK, dk * scale, offs_n, kh, stride_dkt, stride_dkn, offs_d, n_ok, d_ok)
@@ -319,12 +328,13 @@ if HAS_TRITON:
         Q, K, V, Out, DO, LSE, DELTA, DQ, TILES, COS, SIN,
         stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_ot, stride_on, stride_dot, stride_don,
         stride_dqt, stride_dqn, stride_ct,
-        T, scale_log2, scale,
+        T, scale_log2, scale, head_programs,
         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr,
     ):  # fmt: skip
-        n0 = tl.program_id(0) * PACK
-        q0, ds, de = _tile(TILES, tl.program_id(1))
+        head_program, tile = _program(head_programs)
+        n0 = head_program * PACK
+        q0, ds, de = _tile(TILES, tile)
         kh = n0 // GROUP
         offs_m, heads = _packed_rows(q0, n0, BLOCK_M, PACK)
         offs_d = tl.arange(0, BLOCK_D)
@@ -355,7 +365,7 @@ if HAS_TRITON:
             ds_ = p * (dp - delta[:, None])
             dq += tl.dot(ds_.to(k.dtype), k, input_precision=PRECISION)
         if ROPE:  # queries were rotated by RoPE inside the op: the gradient of the unrotated queries
-            dq_offsets = offs_m.to(tl.int64) * stride_dqt + heads * stride_dqn
+            dq_offsets = offs_m.to(tl.int64) * stride_dqt + heads.to(tl.int64) * stride_dqn
             _store_unrotated(DQ, dq * scale, dq_offsets, COS, SIN, stride_ct, offs_m, m_ok, PACK * BLOCK_M, HEAD_DIM)
         else:
             _store_packed(DQ, dq * scale, offs_m, heads, stride_dqt, stride_dqn, offs_d, m_ok, d_ok)
@@ -392,7 +402,7 @@ def _pack(group: int, most: int) -> int:
 _STAGES_THAT_FIT: dict[tuple, int] = {}
 
 
-def _launch(kernel, grid: tuple[int, int], *args, num_stages: int, **constexprs) -> None:
+def _launch(kernel, grid: tuple[int, ...], *args, num_stages: int, **constexprs) -> None:
     """`kernel[grid](*args, ...)` with fewer software-pipeline stages where this GPU's shared memory
     cannot hold `num_stages` of them. The presets were sized on an H200 (227 KB per block); an A100
     has 163 KB, other GPUs about 100 KB. Loading the compiled kernel fails before it runs, so a retry
@@ -405,9 +415,10 @@ def _launch(kernel, grid: tuple[int, int], *args, num_stages: int, **constexprs)
             return kernel[grid](*args, num_stages=num_stages, **constexprs)
         except triton.runtime.errors.OutOfResources as e:
             if num_stages == 1 or "shared memory" not in str(e):
+                what = "shared memory" if "shared memory" in str(e) else "resources"
                 raise ValueError(
                     f"attn_backend='triton': {kernel.fn.__name__} at head dim {constexprs['HEAD_DIM']} needs more "
-                    f"shared memory than this GPU has ({e}); use attn_backend='torch_varlen', 'flash_attn' or 'flex'."
+                    f"{what} than this GPU has ({e}); use attn_backend='torch_varlen', 'flash_attn' or 'flex'."
                 ) from e
             num_stages -= 1
             _STAGES_THAT_FIT[_launch_key(kernel, args, constexprs)] = num_stages
@@ -425,10 +436,10 @@ def _forward(q_TNH: Tensor, k_TKH: Tensor, v_TKH: Tensor, fwd_P4: Tensor, s: Til
     if len(fwd_P4):
         pack, common = _common(q_TNH, k_TKH, s)
         _launch(
-            _fwd_kernel, (N // pack, len(fwd_P4)),
+            _fwd_kernel, (N // pack * len(fwd_P4),),
             q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, fwd_P4,
             *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *o_TNH.stride()[:2],
-            T, scale * _LOG2_E,
+            T, scale * _LOG2_E, N // pack,
             BLOCK_M=s.fwd_m, BLOCK_N=s.fwd_n, num_warps=_warps(H, pack * s.fwd_m), num_stages=FWD_STAGES, **common,
         )  # fmt: skip
     return o_TNH, lse_NT
@@ -470,10 +481,10 @@ def _dkdv(do_TNH, q_TNH, k_TKH, v_TKH, lse_NT, delta_NT, dkdv_P4, s: TileSizes, 
     _, common = _common(q_TNH, k_TKH, s)
     cos_TH, sin_TH, stride_ct = _rope_tables(rope, q_TNH)
     _launch(
-        _dkdv_kernel, (k_TKH.shape[1], len(dkdv_P4)),
+        _dkdv_kernel, (k_TKH.shape[1] * len(dkdv_P4),),
         q_TNH, k_TKH, v_TKH, do_TNH, lse_NT, delta_NT, dk_TKH, dv_TKH, dkdv_P4, cos_TH, sin_TH,
         *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *do_TNH.stride()[:2],
-        *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], stride_ct, T, scale * _LOG2_E, scale,
+        *dk_TKH.stride()[:2], *dv_TKH.stride()[:2], stride_ct, T, scale * _LOG2_E, scale, k_TKH.shape[1],
         BLOCK_M=s.dkdv_m, BLOCK_N=s.dkdv_n, num_warps=_warps(H, s.dkdv_n), num_stages=s.dkdv_stages,
         ROPE=rope is not None, **common,
     )  # fmt: skip
@@ -489,10 +500,10 @@ def _dq(do_TNH, q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, dq_P4, s: TileSizes, scale: 
     pack, common = _common(q_TNH, k_TKH, s)
     cos_TH, sin_TH, stride_ct = _rope_tables(rope, q_TNH)
     _launch(
-        _dq_kernel, (N // pack, len(dq_P4)),
+        _dq_kernel, (N // pack * len(dq_P4),),
         q_TNH, k_TKH, v_TKH, o_TNH, do_TNH, lse_NT, delta_NT, dq_TNH, dq_P4, cos_TH, sin_TH,
         *q_TNH.stride()[:2], *k_TKH.stride()[:2], *v_TKH.stride()[:2], *o_TNH.stride()[:2], *do_TNH.stride()[:2],
-        *dq_TNH.stride()[:2], stride_ct, T, scale * _LOG2_E, scale,
+        *dq_TNH.stride()[:2], stride_ct, T, scale * _LOG2_E, scale, N // pack,
         BLOCK_M=s.dq_m, BLOCK_N=s.dq_n, num_warps=_warps(H, pack * s.dq_m), num_stages=s.dq_stages,
         ROPE=rope is not None, **common,
     )  # fmt: skip

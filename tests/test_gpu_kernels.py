@@ -56,6 +56,26 @@ def test_kernel_forward_and_backward_against_fp32_reference(backend, kv_heads):
         assert err <= 2 * pt_err + 1e-5, (what, err, pt_err)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 8], ids=["packed", "unpacked"])
+def test_triton_attention_takes_more_tiles_than_a_grid_axis_y_holds(kv_heads):
+    # 70,000 one-token documents: 70,000 tiles per kernel, more than the 65,535 programs CUDA
+    # allows on grid axis y. Each token attends only to itself: out = v (its key/value head),
+    # dv = the summed gradient of its group's heads, dq = dk = 0.
+    _needs("triton")
+    T, N, H = 70_000, 8, 64
+    meta = BACKENDS["triton"].prepare(_meta([1] * T), N // kv_heads)
+    q, k, v = (torch.randn(T, n, H, device="cuda", dtype=torch.bfloat16) for n in (N, kv_heads, kv_heads))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn(T, N, H, device="cuda", dtype=torch.bfloat16)
+    out = BACKENDS["triton"].attend(q, k, v, meta, H**-0.5)
+    out.backward(grad_out)
+    group = N // kv_heads
+    torch.testing.assert_close(out, v.detach().repeat_interleave(group, dim=1), atol=0, rtol=0)
+    dv = grad_out.float().view(T, kv_heads, group, H).sum(2)
+    torch.testing.assert_close(v.grad.float(), dv, atol=2e-2, rtol=1e-2)
+    assert q.grad.abs().max() < 1e-3 and k.grad.abs().max() < 1e-3
+
+
 @pytest.mark.parametrize(
     "head_dim, dtype, lens, tiles",
     [

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from foundry_padfree import loss
 from foundry_padfree.loss import linear_cross_entropy
 
 
@@ -102,3 +103,15 @@ def test_one_chunk_of_logits_at_a_time():
         loss, _ = linear_cross_entropy(h, w, targets, chunk=4)
     assert alive_at_logits == [0, 0, 0, 0]
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), targets))
+
+
+def test_an_ignored_row_does_not_bring_its_logits_into_the_loss():
+    # An ignored row's clamped target (class 0) may have a logit of -inf; masking by multiplication
+    # would give -inf * 0 = nan.
+    logits = torch.randn(3, 7)
+    logits[1, 0] = float("-inf")
+    targets = torch.tensor([4, 0, 2])
+    valid = torch.tensor([True, False, True])
+    nll, _ = loss._nll_and_grad(logits, targets, valid, need_grad=False)
+    ref = torch.nn.functional.cross_entropy(logits[valid], targets[valid], reduction="sum")
+    torch.testing.assert_close(nll, ref)
