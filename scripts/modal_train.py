@@ -131,17 +131,21 @@ def resources(gpu_type: str, gpus: int) -> dict:
     return dict(gpu=f"{gpu_type}:{gpus}", cpu=CPU_PER_GPU * gpus, memory=MEMORY_MIB_PER_GPU * gpus)
 
 
-def check_run_name(run_name: str) -> None:
-    """Raises ValueError unless `run_name` is a plain folder name (it names the run's folder)."""
+def check_run_name(run_name: str, overrides: list[str] = ()) -> None:
+    """Raises ValueError unless `run_name` is a plain folder name (it names the run's folder) and the
+    overrides do not name the run again (the run would take that name, its folder this one)."""
     if not run_name or "/" in run_name or run_name.startswith("."):
         raise ValueError(f"run_name={run_name!r} must be a plain folder name (no '/', not starting with '.').")
+    if any(item.partition("=")[0].strip() == "run_name" for item in overrides):
+        raise ValueError(f"overrides name the run ({[o for o in overrides if o.startswith('run_name')]}); "
+                         "pass --run-name instead: it names the run and its folder on the Volume.")  # fmt: skip
 
 
 @app.function(**resources(DEFAULT_GPU_TYPE, DEFAULT_GPUS), volumes={VOLUME_DIR: volume}, timeout=TIMEOUT_S)
 def train(yaml: str, gpus: int, overrides: list[str], run_name: str, volume_dir: str = VOLUME_DIR) -> int:
     """Launch `composer -n gpus` on the YAML; return its exit code. Checkpoints go to the Volume,
     under `<volume_dir>/runs/<run_name>/checkpoints`."""
-    check_run_name(run_name)
+    check_run_name(run_name, overrides)
     run_dir = f"{volume_dir}/runs/{run_name}"
     command = build_command(yaml, gpus, [f"run_name={run_name}", *overrides], run_dir)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -163,7 +167,7 @@ def main(
 ) -> None:
     """`modal run scripts/modal_train.py --yaml ... [--gpus N --gpu-type T --overrides "k=v ..."]`."""
     override_list = shlex.split(overrides)
-    check_run_name(run_name)
+    check_run_name(run_name, override_list)
     build_command(yaml, gpus, override_list, f"{VOLUME_DIR}/runs/{run_name}")  # fail here, before the GPUs start
     options = resources(gpu_type, gpus)
     if secret:

@@ -53,6 +53,11 @@ def test_app_and_function_definition(monkeypatch):
     assert repr(spec.image) == repr(module.image)  # the app's image (same last build step)
 
 
+def test_a_run_name_in_the_overrides_is_refused():
+    with pytest.raises(ValueError, match=r"pass --run-name instead"):
+        modal_train.main.info.raw_f(yaml="yamls/padfree-llama-cpu.yaml", overrides="run_name=other max_duration=4ba")
+
+
 def test_main_asks_for_the_gpus_with_cores_and_memory_for_their_ranks(monkeypatch):
     launched = []
 
