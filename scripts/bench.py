@@ -32,7 +32,7 @@ as it leaves the data loader, pinned on the CPU (`--ours-batch host`): the model
 documents' layout on the host and copies only the real tokens, so no step waits for the previous
 one to drain (`--ours-batch device` copies the batch first, as for HF; unpadding then syncs once).
 
-Targets (the last table) are checked on the eager system whose backend `auto` picks, the default:
+Targets (the table after the results) are checked on the eager system whose backend `auto` picks, the default:
 real tokens/s over the baseline's, with the ratio of median steps beside it (a few stalled steps
 move the first and not the second). Each budget draws its batches from a seed of its own, so the
 32k steps are the same whatever `--budgets` lists; `ours_compiled` then trains 50 random mixes of

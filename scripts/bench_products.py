@@ -1,7 +1,8 @@
 """The matrix products of one training step alone: the floor they put under the step time.
 
-For a shape of `scripts/bench.py` and one of its alpaca_eval steps (same data, seed and budget),
-this lists every matrix product a training step of `PadFreeLlamaForCausalLM` runs: per layer the
+For a shape of `scripts/bench.py` and one alpaca_eval step drawn as it draws them (its data and
+budget; `mix_steps` at `--seed`, 0 by default, where bench.py seeds each budget's steps with the
+budget added), this lists every matrix product a training step of `PadFreeLlamaForCausalLM` runs: per layer the
 forward, input-gradient and weight-gradient product of each projection (q, k, v, o, gate, up,
 down), and per chunk of supervised tokens the loss head's logits, input-gradient and fp32
 weight-gradient products (`foundry_padfree.loss`). It times them with the calls the model makes
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget", type=int, default=32768, help="real tokens per step")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="alpaca_eval .jsonl or its lengths .json")
     p.add_argument("--max-doc-len", type=int, default=2048, help="examples are cut at this many tokens")
-    p.add_argument("--seed", type=int, default=0, help="the step drawn: bench.py's first at this seed")
+    p.add_argument("--seed", type=int, default=0, help="the step drawn: the first of bench.py's mix_steps at this seed")
     p.add_argument("--loss-chunk", type=int, default=4096, help="PadFreeLlamaConfig.loss_chunk_size")
     p.add_argument("--reps", type=int, default=20, help="repetitions of each product alone")
     p.add_argument("--step-reps", type=int, default=5, help="repetitions of the whole step's products")

@@ -1,8 +1,8 @@
 """Train with foundry_padfree on Modal: N GPUs of one type, the composer launcher, a Volume for data
 and checkpoints.
 
-    modal run scripts/modal_train.py --yaml yamls/sft_llama3_1b.yaml --gpus 8 --overrides \
-        "variables.model_dir=/vol/models/llama3.2-1b variables.tokenizer_dir=/vol/models/llama3.2-1b \
+    modal run scripts/modal_train.py --yaml yamls/sft_llama3_1b.yaml --gpus 8 --overrides \\
+        "variables.model_dir=/vol/models/llama3.2-1b variables.tokenizer_dir=/vol/models/llama3.2-1b \\
          variables.data_files=/vol/data/sft/train.jsonl"
     modal run scripts/modal_train.py --yaml yamls/pretrain_smollm2_135m.yaml --gpus 2 --gpu-type H100 \\
         --overrides "max_duration=100ba variables.data_local=/vol/data/my-mds"
@@ -13,7 +13,8 @@ fetches its prebuilt wheel for this torch, CUDA 12 and Python). The Volume `foun
 mounted at /vol: put datasets under /vol/data (`modal volume put`), and checkpoints land in
 /vol/runs/<run_name>/checkpoints (the project YAMLs' HF export in /vol/runs/<run_name>/hf). Set
 `--secret NAME` to pass a Modal Secret (e.g. with WANDB_API_KEY or MLFLOW_TRACKING_URI) to the
-loggers.
+loggers. Each GPU comes with 4 cores and 32 GiB of host memory for its rank; name the run with
+`--run-name` (a `run_name=` override is refused: the run and its folder would differ).
 
 Every launched process gets `NCCL_NVLS_ENABLE=0` and `TORCH_SYMM_MEM_DISABLE_MULTICAST=1`:
 NVLink multicast (NVLS) stays off. Modal's GPUs are shared hosts, where multicast objects may be

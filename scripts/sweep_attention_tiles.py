@@ -1,11 +1,11 @@
 """Tile sizes of the Triton attention kernels, swept one kernel at a time on one packed batch.
 
 For a shape's heads (`bench.SHAPES`) and one batch of documents (the first step of the alpaca_eval
-mix of `scripts/bench.py`, or documents of one length), each of the three kernels (forward, dK/dV,
-dQ) runs alone with every `TileSizes` variant of a grid: query heads packed per program, tokens per
-tile, tokens per inner step, pipeline stages. Printed: the fastest variants of each kernel beside
-the preset `schedule` picks for that batch, and each variant's largest difference from the preset's
-result (the same sums in another order):
+mix drawn by `scripts/bench.py`'s `mix_steps` at seed 0, or documents of one length), each of the
+three kernels (forward, dK/dV, dQ) runs alone with every `TileSizes` variant of a grid: query heads
+packed per program, tokens per tile, tokens per inner step, pipeline stages. Printed: the fastest
+variants of each kernel beside the preset `schedule` picks for that batch, and each variant's
+largest difference from the preset's result (the same sums in another order):
 
     python scripts/sweep_attention_tiles.py --out runs/tiles.json                  # 1B heads, alpaca mix
     python scripts/sweep_attention_tiles.py --docs 2048 --out runs/tiles-2048.json
