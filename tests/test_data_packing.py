@@ -155,6 +155,14 @@ def test_flatten_keeps_examples_per_step_of_the_unpacked_loader():
     assert [len(step[0]) for step in sampler.plan(0).batches] == [2, 3, 1]
 
 
+def test_flatten_packs_each_step_best_fit():
+    # Rows of 50: best fit over the step's examples gives [40, 10] [30, 20]; packing them in order
+    # (next fit) would need three rows, [40] [30, 20] [10].
+    sampler = _sampler([40, 30, 20, 10], "flatten", dbs=4, capacity=50, shuffle=False)
+    (step,) = sampler.plan(0).batches
+    assert sorted(sorted(row) for row in step[0]) == [[0, 3], [1, 2]]
+
+
 def test_budget_fills_the_token_budget():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 200, size=2000).tolist()
@@ -227,6 +235,22 @@ def test_resume_errors():
     other = _sampler(lengths, "flatten", dbs=3)
     with pytest.raises(ValueError, match="packing plan fingerprint"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(mode="budget"), dict(dbs=3), dict(capacity=48), dict(buffer_size=8), dict(shuffle=False), dict(seed=1),
+     dict(world=2), dict(lengths=[5, 9, 30, 12, 40, 4])],
+    ids=lambda c: next(iter(c)),
+)  # fmt: skip
+def test_a_checkpoint_of_any_other_plan_is_refused(change):
+    # Every option the plan depends on is in its fingerprint: resuming under another one would
+    # serve other examples than the checkpoint's run had left.
+    options = dict(lengths=[5, 9, 30, 12, 40, 3], mode="flatten", dbs=2)
+    state = _sampler(**options).state_dict(2)
+    _sampler(**options).load_state_dict(state)  # the same plan resumes
+    with pytest.raises(ValueError, match="packing plan fingerprint"):
+        _sampler(**{**options, **change}).load_state_dict(state)
 
 
 def test_sampler_argument_errors():
