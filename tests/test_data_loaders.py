@@ -113,6 +113,58 @@ def test_finetuning_epoch_has_every_example_once(data_dir, mode):
     assert loss_tokens == sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in expected)
 
 
+def _real_documents(batch) -> collections.Counter:
+    """LLM-Foundry's `finetuning` batch (one example per row): each row's real tokens and labels,
+    the first label ignored as it is for every padfree document (it would predict across rows)."""
+    docs = collections.Counter()
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        real = mask.bool()
+        labels = labels[real].clone()
+        labels[0] = IGNORE_INDEX
+        docs[(tuple(ids[real].tolist()), tuple(labels.tolist()))] += 1
+    return docs
+
+
+def test_finetuning_documents_equal_llm_foundrys_own_examples(data_dir):
+    # The reference is LLM-Foundry's own `finetuning` loader on the same data: the same tokens
+    # (prompt, response, EOS), the same labels (prompt masked, EOS a target).
+    ours = _finetuning_yaml(data_dir, "flatten")
+    theirs = {k: v for k, v in ours.items() if k != "packing_mode"}
+    theirs |= {"name": "finetuning", "prefetch_factor": None, "persistent_workers": False}  # (num_workers: 0)
+    expected = collections.Counter()
+    for batch in _build(theirs, device_batch_size=4).dataloader:
+        expected += _real_documents(batch)
+    seen = collections.Counter()
+    for batch in _build(ours, device_batch_size=4).dataloader:
+        for docs in documents_of(batch):
+            seen.update((tuple(ids.tolist()), tuple(labels.tolist())) for ids, labels in docs)
+    assert seen == expected and sum(seen.values()) == 120
+    eos = tokenizer().eos_token_id
+    whole = [(ids, labels) for ids, labels in seen if len(ids) < SEQ]  # not cut at max_seq_len
+    assert len(whole) > 60 and all(ids[-1] == eos and labels[-1] == eos for ids, labels in whole)
+
+
+def _example_order(data_dir, **dataset) -> list[tuple[int, ...]]:
+    cfg = _finetuning_yaml(data_dir, "flatten")
+    cfg["dataset"].update(dataset)
+    return [tuple(ids.tolist()) for batch in _build(cfg, 4).dataloader for docs in documents_of(batch)
+            for ids, _ in docs]  # fmt: skip
+
+
+def test_finetuning_follows_the_datasets_shuffle_options(data_dir):
+    spec = _build(_finetuning_yaml(data_dir, "flatten"), 4)
+    dataset, collator = spec.dataloader.dataset, spec.dataloader.collate_fn
+    in_order = [tuple(collator.document(dataset.base[i]).document.input_ids.tolist()) for i in range(len(dataset.base))]
+    unshuffled = _example_order(data_dir, shuffle=False)
+    assert sorted(unshuffled) == sorted(in_order)
+    # Within a flatten step the rows are packed, but steps take the examples in the dataset's order.
+    steps = range(0, 120, 4)
+    assert [set(unshuffled[i : i + 4]) for i in steps] == [set(in_order[i : i + 4]) for i in steps]
+    seed17, seed18 = _example_order(data_dir, shuffle_seed=17), _example_order(data_dir, shuffle_seed=18)
+    assert seed17 == _example_order(data_dir, shuffle_seed=17)
+    assert seed17 != seed18 and set(seed17[:4]) != set(in_order[:4])
+
+
 @pytest.mark.parametrize("target_responses", ["all", "last"])
 def test_finetuning_prompt_masking_and_multi_turn(data_dir, target_responses):
     cfg = _finetuning_yaml(data_dir, "budget")
