@@ -246,6 +246,24 @@ def test_text_loader_reports_cut_samples_and_strips_stored_padding(tmp_path, cap
             assert batch["total_tokens"] == [len(e) for e in expected]
 
 
+def test_text_loader_drops_a_partial_last_batch_and_takes_rows_of_exactly_max_seq_len(tmp_path, caplog, monkeypatch):
+    from foundry_padfree.data import text
+
+    rows = [np.arange(10 + k, 18 + k, dtype=np.int32) for k in range(4)]  # 8 tokens each: max_seq_len
+    write_mds(tmp_path / "tokens", {"tokens": "ndarray:int32"}, [{"tokens": row} for row in rows])
+    dataset = {"local": str(tmp_path / "tokens"), "split": None, "shuffle": False, "max_seq_len": 8}
+    cfg = {"name": "padfree_text", "num_workers": 0, "drop_last": True, "dataset": dataset}
+    monkeypatch.setattr(text, "_warned_cut", False)
+    with caplog.at_level("WARNING", logger="foundry_padfree.data.text"):
+        loader = _build(cfg, device_batch_size=3).dataloader
+        batches = list(loader)
+    assert not caplog.records  # nothing was cut
+    assert batches[0]["input_ids"].tolist() == [row.tolist() for row in rows[:3]]
+    # LLM-Foundry's own text loader on the same data drops the same partial batch.
+    foundry = _build({**cfg, "name": "text", "prefetch_factor": None, "persistent_workers": False}, 3).dataloader
+    assert len(batches) == len(loader) == len(list(foundry)) == 1
+
+
 def test_streaming_finetuning_with_a_worker(data_dir, tmp_path):
     cfg = {
         "name": "padfree_finetuning",
