@@ -186,6 +186,15 @@ def test_finetuning_truncation_and_errors():
         PadFreeFinetuningCollator(2, 8, PAD, EOS, "all", "last").document(prompt_target)
 
 
+def test_only_examples_longer_than_max_seq_len_count_as_truncated():
+    from foundry_padfree.data.finetuning import _example_lengths
+
+    collate = PadFreeFinetuningCollator(5, 8, PAD, EOS, "none", "all")
+    examples = [{"turns": [{"input_ids": [10] * (n - 2), "labels": [20]}]} for n in (4, 5, 6)]  # n tokens, EOS included
+    lengths, truncated = _example_lengths(examples, collate)
+    assert lengths.tolist() == [4, 5, 5] and truncated == 1
+
+
 @st.composite
 def _concatenated_rows(draw):
     """Random documents (content without EOS, possibly empty, then EOS) cut into rows of S tokens."""
