@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from foundry_padfree import PadFreeLlamaConfig, PadFreeLlamaForCausalLM
 
@@ -31,6 +32,13 @@ def tiny_config(**overrides) -> PadFreeLlamaConfig:
 def tiny_model(seed: int = 0, **overrides) -> PadFreeLlamaForCausalLM:
     torch.manual_seed(seed)
     return PadFreeLlamaForCausalLM(tiny_config(**overrides)).eval()
+
+
+def hf_twin(model) -> LlamaForCausalLM:
+    """Stock HF Llama with the same config and weights (SDPA attention)."""
+    hf = LlamaForCausalLM._from_config(model.config.to_llama_config(), attn_implementation="sdpa").eval()
+    hf.load_state_dict(model.state_dict())
+    return hf
 
 
 def packed_lm_batch() -> dict[str, torch.Tensor]:

@@ -6,10 +6,9 @@ import re
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from foundry_padfree import PadFreeLlamaConfig, PadFreeLlamaForCausalLM, attention, varlen
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import hf_twin, tiny_config, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -30,39 +29,36 @@ def test_batch_without_real_tokens(model):
         model(ids, attention_mask=torch.zeros_like(ids))
 
 
-@pytest.mark.parametrize("how", ["dense", "sequence_id", "position_ids"])
+LAYOUTS = ["dense", "sequence_id", "position_ids"]
+
+
+def _one_document(how: str, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A row of one document of `n` random tokens, and the keywords that lay it out as `how` says."""
+    ids = torch.randint(3, 97, (1, n))
+    layout = {"dense": {}, "sequence_id": {"sequence_id": torch.zeros_like(ids)},
+              "position_ids": {"position_ids": torch.arange(n)[None]}}  # fmt: skip
+    return ids, layout[how]
+
+
+@pytest.mark.parametrize("how", LAYOUTS)
 def test_document_longer_than_position_limit(how):
     model = tiny_model(max_position_embeddings=8)
-    ids = torch.randint(3, 97, (1, 10))
-    kwargs = {
-        "dense": {},
-        "sequence_id": {"sequence_id": torch.zeros_like(ids)},
-        "position_ids": {"position_ids": torch.arange(10)[None]},
-    }[how]
+    ids, kwargs = _one_document(how, 10)
     with pytest.raises(ValueError, match=r"max_position_embeddings.*(truncate|split)"):
         model(ids, labels=ids, **kwargs)
     # Without labels (inference, generation) stock Llama runs past the limit with a warning: so do we.
-    hf = LlamaForCausalLM(model.config.to_llama_config())
-    hf.load_state_dict(model.state_dict())
-    torch.testing.assert_close(model(ids, **kwargs).logits, hf.eval()(ids, **kwargs).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(ids, **kwargs).logits, hf_twin(model)(ids, **kwargs).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("how", ["dense", "sequence_id", "position_ids"])
+@pytest.mark.parametrize("how", LAYOUTS)
 def test_a_document_exactly_at_the_position_limit_trains_as_hf(how):
     model = tiny_model(max_position_embeddings=8)
-    ids = torch.randint(3, 97, (1, 8))
-    kwargs = {
-        "dense": {},
-        "sequence_id": {"sequence_id": torch.zeros_like(ids)},
-        "position_ids": {"position_ids": torch.arange(8)[None]},
-    }[how]
-    hf = LlamaForCausalLM(model.config.to_llama_config())
-    hf.load_state_dict(model.state_dict())
-    torch.testing.assert_close(model(ids, labels=ids, **kwargs).loss, hf.eval()(ids, labels=ids).loss,
+    ids, kwargs = _one_document(how, 8)
+    torch.testing.assert_close(model(ids, labels=ids, **kwargs).loss, hf_twin(model)(ids, labels=ids).loss,
                                atol=1e-5, rtol=1e-5)  # fmt: skip
+    longer, kwargs = _one_document(how, 9)
     with pytest.raises(ValueError, match=r"max_position_embeddings"):  # one token more is refused
-        model(torch.cat([ids, ids[:, :1]], 1), labels=torch.cat([ids, ids[:, :1]], 1),
-              **{k: torch.cat([v, v[:, -1:] + (k == "position_ids")], 1) for k, v in kwargs.items()})  # fmt: skip
+        model(longer, labels=longer, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["labels", "sequence_id", "position_ids"])

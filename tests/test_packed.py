@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
-from tests.conftest import tiny_model
+from tests.conftest import hf_twin, tiny_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # Two rows of 16: documents of 5, 3, 7 tokens (1 pad), and 4, 6 tokens (6 pads).
@@ -43,8 +42,7 @@ def doc_slices(rows=ROWS):
 @pytest.mark.parametrize("kv_heads", [2, 1])
 def test_packed_logits_and_grads_equal_documents_alone(backend, kv_heads):
     model = tiny_model(num_key_value_heads=kv_heads, attn_backend=backend)
-    hf = LlamaForCausalLM._from_config(model.config.to_llama_config(), attn_implementation="sdpa").eval()
-    hf.load_state_dict(model.state_dict())
+    hf = hf_twin(model)
     docs, ids, seq_id, _, labels = packed_batch()
 
     packed = model(ids, sequence_id=seq_id, labels=labels)

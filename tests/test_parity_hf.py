@@ -5,18 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.nn.utils import prune
-from transformers import LlamaForCausalLM
 
-from tests.conftest import tiny_model
+from tests.conftest import hf_twin, tiny_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def hf_twin(model) -> LlamaForCausalLM:
-    """Stock HF Llama with the same config and weights (SDPA attention)."""
-    hf = LlamaForCausalLM._from_config(model.config.to_llama_config(), attn_implementation="sdpa").eval()
-    hf.load_state_dict(model.state_dict())
-    return hf
 
 
 def padded_batch(lengths: list[int], side: str, vocab: int = 97) -> tuple[torch.Tensor, ...]:
