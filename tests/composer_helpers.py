@@ -109,8 +109,21 @@ def logged(trainer: Trainer, key: str) -> list[float]:
     return [float(v) for _, v in memory.data.get(key, [])]
 
 
-def leaky_attend(q_TNH, k_TKH, v_TKH, meta, scale):
-    """Plain causal attention over the whole packed stream: documents see their predecessors."""
+def _dense_attend(q_TNH, k_TKH, v_TKH, scale, **sdpa):
+    """SDPA over the whole `[T]` token stream (GQA heads expanded), with `sdpa`'s mask."""
     groups = q_TNH.shape[1] // k_TKH.shape[1]
     k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k_TKH, v_TKH))
-    return F.scaled_dot_product_attention(q_TNH.transpose(0, 1), k, v, is_causal=True, scale=scale).transpose(0, 1)
+    return F.scaled_dot_product_attention(q_TNH.transpose(0, 1), k, v, scale=scale, **sdpa).transpose(0, 1)
+
+
+def leaky_attend(q_TNH, k_TKH, v_TKH, meta, scale):
+    """Plain causal attention over the whole packed stream: documents see their predecessors."""
+    return _dense_attend(q_TNH, k_TKH, v_TKH, scale, is_causal=True)
+
+
+def within_rows_attend(q_TNH, k_TKH, v_TKH, meta, scale):
+    """Causal over each row's whole token stream, never across rows: a document sees the earlier
+    documents of its row (the leak packing causes), and documents of other rows see nothing."""
+    row_T = meta.indices_T // meta.seq_len
+    allowed = (row_T[:, None] == row_T[None, :]) & torch.ones(len(row_T), len(row_T), dtype=torch.bool).tril()
+    return _dense_attend(q_TNH, k_TKH, v_TKH, scale, attn_mask=allowed)

@@ -34,6 +34,7 @@ from tests.composer_helpers import (
     logged,
     packed_batch,
     packed_row,
+    within_rows_attend,
     write_model_dir,
 )
 
@@ -298,21 +299,10 @@ def test_parity_fails_on_logits_alone(model_dir, monkeypatch):
     assert "vs padded reference" not in str(caught.value)  # the loss agreed
 
 
-def _within_rows_attend(q_TNH, k_TKH, v_TKH, meta, scale):
-    """Causal over each row's whole token stream, never across rows: a document sees the earlier
-    documents of its row (the leak packing causes), and documents of other rows see nothing."""
-    groups = q_TNH.shape[1] // k_TKH.shape[1]
-    k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k_TKH, v_TKH))
-    row_T = meta.indices_T // meta.seq_len
-    allowed = (row_T[:, None] == row_T[None, :]) & torch.ones(len(row_T), len(row_T), dtype=torch.bool).tril()
-    out = torch.nn.functional.scaled_dot_product_attention(q_TNH.transpose(0, 1), k, v, attn_mask=allowed, scale=scale)
-    return out.transpose(0, 1)
-
-
 def test_isolation_probes_the_documents_after_the_perturbed_one_in_its_row(model_dir, monkeypatch):
     # Only documents later in the perturbed document's row can move: the probe must perturb one
     # that has documents after it (the first of the busiest row).
-    monkeypatch.setitem(BACKENDS, "sdpa", Backend("sdpa", _within_rows_attend))
+    monkeypatch.setitem(BACKENDS, "sdpa", Backend("sdpa", within_rows_attend))
     with pytest.raises(PadFreeCheckError, match=r"moved other documents' logits by up to"):
         fit(composer_model(model_dir), [PadFreeIsolation(interval=1, strict=True)], batches=1)
 
