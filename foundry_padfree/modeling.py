@@ -93,7 +93,14 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class PadFreeRotary(nn.Module):
-    """RoPE tables for per-document positions: `(cos_TH, sin_TH)` once per forward."""
+    """RoPE tables for per-document positions: `(cos_TH, sin_TH)` once per forward.
+
+    The inverse frequencies are computed in fp32. Cast with the model (`model.to(torch.bfloat16)`,
+    or FSDP's `buffer_dtype` under Composer's mixed precision `PURE`), the `inv_freq` buffer is
+    rounded to 8 bits of mantissa, which turns a token at position 2,000 by up to a few radians
+    the wrong way; the forward then uses fp32 frequencies recomputed from the config on the
+    buffer's device (once per device), not the rounded ones.
+    """
 
     def __init__(self, config: PadFreeLlamaConfig):
         super().__init__()
@@ -105,20 +112,33 @@ class PadFreeRotary(nn.Module):
                 f"rope_scaling type {rope_type!r} is not supported by the padding-free model; "
                 f"supported: {', '.join(_STATIC_ROPE_TYPES)}."
             )
-        if rope_type == "default":
-            head_dim = _head_dim(config)
-            exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-            inv_freq, self.attention_scaling = 1.0 / (config.rope_theta**exponents), 1.0
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        self.config, self.rope_type = config, rope_type
+        inv_freq, self.attention_scaling = self.fp32_inv_freq(None)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._inv_freq_fp32: Tensor | None = None  # recomputed where the buffer is not fp32
+
+    def fp32_inv_freq(self, device: torch.device | None) -> tuple[Tensor, float]:
+        """The inverse frequencies in fp32 on `device` (the default device for None) and the
+        attention scaling of the RoPE type."""
+        if self.rope_type == "default":
+            head_dim = _head_dim(self.config)
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+            return 1.0 / (self.config.rope_theta**exponents), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
+        return inv_freq.float(), scaling
 
     @torch.no_grad()
     def forward(self, position_ids_T: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            cached = self._inv_freq_fp32
+            if cached is None or cached.device != inv_freq.device:
+                cached = self._inv_freq_fp32 = self.fp32_inv_freq(inv_freq.device)[0]
+            inv_freq = cached
         with torch.autocast(device_type=position_ids_T.device.type, enabled=False):
-            freqs_TH2 = position_ids_T.float()[:, None] * self.inv_freq.float()[None, :]
+            freqs_TH2 = position_ids_T.float()[:, None] * inv_freq[None, :]
             emb_TH = torch.cat((freqs_TH2, freqs_TH2), dim=-1)
             cos_TH = emb_TH.cos() * self.attention_scaling
             sin_TH = emb_TH.sin() * self.attention_scaling
@@ -623,7 +643,7 @@ class PadFreePreTrainedModel(PreTrainedModel):
             # Needed under meta init: FSDP's param_init_fn knows only HF's own norm classes.
             module.weight.data.fill_(1.0)
         elif isinstance(module, PadFreeRotary):
-            module.inv_freq = PadFreeRotary(self.config).inv_freq.to(module.inv_freq.device)
+            module.inv_freq = module.fp32_inv_freq(module.inv_freq.device)[0]
 
 
 class PadFreeLlamaModel(PadFreePreTrainedModel):

@@ -119,6 +119,21 @@ def test_rope_scaling_and_tied_embeddings_match_hf(rope):
     assert_matches_hf(model, *padded_batch([40, 13], "right")[:3])
 
 
+@pytest.mark.parametrize("rope", ["default", *sorted(ROPE_SCALINGS)])
+def test_rope_tables_stay_fp32_in_a_bf16_model(rope):
+    # `model.to(bf16)`, or FSDP's `buffer_dtype` under Composer's `PURE` / `DEFAULT` mixed
+    # precision, rounds the `inv_freq` buffer; at position 4,000 that turns a token's
+    # high-frequency pairs by radians. The tables must be those of the fp32 frequencies.
+    scaling = {} if rope == "default" else {"rope_scaling": ROPE_SCALINGS[rope]}
+    model = tiny_model(rope_theta=500000.0, max_position_embeddings=8192, **scaling)
+    positions = torch.arange(4096) * 3 % 8192
+    cos, sin = model.model.rotary_emb(positions, torch.bfloat16)
+    model.to(torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.bfloat16  # what the cast did
+    cos_bf16, sin_bf16 = model.model.rotary_emb(positions, torch.bfloat16)
+    assert torch.equal(cos_bf16, cos) and torch.equal(sin_bf16, sin)
+
+
 def test_greedy_generate_matches_hf():
     model = tiny_model()
     hf = hf_twin(model)
