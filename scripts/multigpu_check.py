@@ -66,6 +66,8 @@ WARMUP_STEPS = 3  # steps left out of throughput means (first-step allocation, k
 
 # The verification callbacks' results, recorded per step and required for a shipped run to pass.
 CHECK_KEYS = ("padfree/audit/passed", "padfree/isolation/passed", "padfree/parity/passed")
+# How far the parity probe found the model, and stock HF in the training precision, from stock HF in fp32.
+PARITY_KEYS = ("padfree/parity/logits_max_rel_diff", "padfree/parity/stock_logits_max_rel_diff")
 STEP_RECORD_SOURCE = '''\
 """`step_record`: a logger destination that writes per-step records of this rank to JSON."""
 
@@ -79,7 +81,7 @@ from composer.loggers import LoggerDestination
 from composer.utils import dist
 from llmfoundry.registry import loggers
 
-KEYS = ("loss/train/total", "padfree/stats/real_tokens_per_sec", "padfree/stats/mfu", *__CHECK_KEYS__)
+KEYS = ("loss/train/total", "padfree/stats/real_tokens_per_sec", "padfree/stats/mfu", *__CHECK_KEYS__, *__PARITY_KEYS__)
 
 
 class StepRecord(LoggerDestination):
@@ -161,7 +163,7 @@ def _register_missing_components():
 
 
 _register_missing_components()
-'''.replace("__CHECK_KEYS__", repr(CHECK_KEYS))
+'''.replace("__CHECK_KEYS__", repr(CHECK_KEYS)).replace("__PARITY_KEYS__", repr(PARITY_KEYS))
 
 
 def write_step_record(path: Path) -> Path:
@@ -435,7 +437,18 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: run the shipped pretraining and SFT YAMLs on 2 GPUs (FSDP with and without "
         "activation checkpointing, DDP, full-checkpoint resume); writes shipped.json and shipped.md",
     )
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        choices=SHIPPED_RUNS,
+        help="with --shipped: only these runs (default: all five, about 10 minutes on 2 x H200); "
+        "sft_1b_fsdp_ac_resumed needs sft_1b_fsdp_ac",
+    )
     args = parser.parse_args(argv)
+    if args.runs and not args.shipped:
+        parser.error("--runs selects runs of --shipped.")
+    if args.runs and "sft_1b_fsdp_ac_resumed" in args.runs and "sft_1b_fsdp_ac" not in args.runs:
+        parser.error("--runs sft_1b_fsdp_ac_resumed resumes from sft_1b_fsdp_ac's checkpoint: add sft_1b_fsdp_ac.")
     cpu = args.cpu
     batches = args.batches or (3 if cpu else 14)  # 14 x 16 rows fit the docstrings of CPython 3.11 and 3.12
     if batches < 2:
@@ -480,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shipped:
         if cpu:
             parser.error("--shipped runs the full-size YAMLs on 2 GPUs; it has no --cpu mode.")
-        results = shipped_runs(work, work / "data", record_module)
+        results = shipped_runs(work, work / "data", record_module, runs=tuple(args.runs or SHIPPED_RUNS))
         (out / "shipped.json").write_text(json.dumps(results, indent=1, default=str))
         text = shipped_markdown(results)
         (out / "shipped.md").write_text(text)
@@ -536,8 +549,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- the shipped YAMLs -------------------------------------------------------------------------
+SHIPPED_RUNS = ("pretrain_135m_fsdp_ac", "pretrain_135m_ddp", "sft_1b_fsdp_ac", "sft_1b_fsdp_ac_resumed",
+                "sft_1b_fsdp_no_ac")  # fmt: skip
+
+
 def shipped_runs(
-    work: Path, prepared_dir: Path, record_module: Path, batches: int = 6, extra: tuple[str, ...] = ()
+    work: Path,
+    prepared_dir: Path,
+    record_module: Path,
+    batches: int = 6,
+    extra: tuple[str, ...] = (),
+    runs: tuple[str, ...] = SHIPPED_RUNS,
 ) -> dict[str, Any]:
     """`composer -n 2` on the shipped pretraining and SFT YAMLs at their full model sizes, offline,
     for `batches` steps each, in the parallelism variants they are meant for.
@@ -549,7 +571,8 @@ def shipped_runs(
     with FSDP FULL_SHARD + activation checkpointing as shipped, then with DDP; Llama-3.2-1B SFT on
     prompt/response pairs from standard-library docstrings, as shipped (FULL_SHARD, PURE, activation
     checkpointing, full checkpoints saved halfway), resumed from that checkpoint, and with activation
-    checkpointing off. `extra` overrides go last in every run (the tests shrink the models with them).
+    checkpointing off. `extra` overrides go last in every run (the tests shrink the models with them);
+    `runs` names the runs to do, of `SHIPPED_RUNS`.
     """
     from foundry_padfree.data.tokenizer import stdlib_texts
 
@@ -572,7 +595,7 @@ def shipped_runs(
            "model.pretrained=false", f"variables.tokenizer_dir={prepared_dir / 'tokenizer'}",
            f"variables.data_files={sft_data}", "global_train_batch_size=8", "device_train_microbatch_size=1",
            f"save_interval={half}ba", "save_num_checkpoints_to_keep=-1"]  # fmt: skip
-    runs = {
+    variants = {
         "pretrain_135m_fsdp_ac": (PRETRAIN_YAML, pretrain),
         "pretrain_135m_ddp": (PRETRAIN_YAML, [*pretrain, "fsdp_config=null"]),
         "sft_1b_fsdp_ac": (SFT_YAML, sft),
@@ -580,7 +603,9 @@ def shipped_runs(
         "sft_1b_fsdp_no_ac": (SFT_YAML, [*sft, "fsdp_config.activation_checkpointing=false"]),
     }
     results: dict[str, Any] = {}
-    for name, (yaml, overrides) in runs.items():
+    for name, (yaml, overrides) in variants.items():
+        if name not in runs:
+            continue
         run_dir = work / name
         overrides = [*overrides, f"variables.save_folder={run_dir}", f"run_name={name}",
                      f"loggers.step_record.out_dir={run_dir / 'records'}", *extra]  # fmt: skip
@@ -610,6 +635,7 @@ def shipped_runs(
             "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("ep*")),
             # The YAMLs' verification callbacks (non-strict there), each over both ranks, where due.
             "checks": {k.split("/")[1]: [s[k] for s in records[0] if k in s] for k in CHECK_KEYS},
+            "parity": {k.rsplit("/", 1)[1]: [s[k] for s in records[0] if k in s] for k in PARITY_KEYS},
         }
         checks_ok = all(v == 1.0 for values in results[name]["checks"].values() for v in values)
         results[name]["ok"] = checks_ok and len(losses) == expected and all(v == v and abs(v) < 1e4 for v in losses)
@@ -642,6 +668,10 @@ def shipped_markdown(results: dict[str, Any]) -> str:
             )
         if not r["ranks_distinct_rows"]:
             notes.append("ranks shared rows!")
+        ours, stock = (r.get("parity", {}).get(k.rsplit("/", 1)[1], []) for k in PARITY_KEYS)
+        if ours:
+            notes.append(f"parity: logits {max(ours):.3g} of their maximum from stock HF in fp32"
+                         + (f", stock HF in this precision {max(stock):.3g}" if stock else ""))  # fmt: skip
         rates = " / ".join(_fmt(v) for v in r["tokens_per_sec_per_gpu"].values())
         losses = ", ".join(f"{v:.4f}" for v in r["losses"])
         checks = ", ".join(f"{k} {sum(v == 1.0 for v in vals)}/{len(vals)}" for k, vals in r["checks"].items() if vals)
