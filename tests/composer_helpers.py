@@ -68,8 +68,8 @@ def packed_batch(rows: list[list[int]] = ROWS[:4], seed: int = 0) -> dict:
     return collate([packed_row(doc_lens, seed + i) for i, doc_lens in enumerate(rows)])
 
 
-def train_loader(batch_size: int = 4, rows: list[list[int]] = ROWS) -> DataSpec:
-    data = [packed_row(doc_lens, i) for i, doc_lens in enumerate(rows)]
+def train_loader(batch_size: int = 4, rows: list[list[int]] = ROWS, seq_len: int = SEQ_LEN) -> DataSpec:
+    data = [packed_row(doc_lens, i, seq_len) for i, doc_lens in enumerate(rows)]
     sampler = dist.get_sampler(data, shuffle=False) if dist.get_world_size() > 1 else None  # rows split by rank
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate, sampler=sampler)
     return DataSpec(loader, get_num_tokens_in_batch=get_tokens_per_batch_func())
@@ -81,13 +81,15 @@ def fit(
     batches: int = 2,
     microbatch: int = 2,
     rows: list[list[int]] = ROWS,
+    seq_len: int = SEQ_LEN,
     **kwargs,
 ) -> Trainer:
-    """Train `batches` steps of 4 of `rows` (document lengths per row) with an in-memory logger."""
+    """Train `batches` steps of 4 of `rows` (document lengths per row, in rows of `seq_len`
+    tokens) with an in-memory logger."""
     torch.manual_seed(0)
     trainer = Trainer(
         model=model,
-        train_dataloader=train_loader(rows=rows),
+        train_dataloader=train_loader(rows=rows, seq_len=seq_len),
         max_duration=f"{batches}ba",
         optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
         device_train_microbatch_size=microbatch,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from foundry_padfree.callbacks import PadFreeParity
+from foundry_padfree.callbacks import PadFreeAudit, PadFreeParity
+from foundry_padfree.modeling import PadFreeRotary
 from tests.composer_helpers import composer_model, fit, logged, write_model_dir
 
 pytestmark = pytest.mark.gpu
@@ -23,3 +24,26 @@ def test_parity_reference_holds_no_weights_between_probes(tmp_path):
     assert logged(trainer, "padfree/parity/passed") == [1.0, 1.0]
     assert all(p.numel() == 0 for p in parity._reference.parameters())
     assert {b.device.type for b in parity._reference.buffers()} == {"cuda"}  # RoPE's, kept where they were used
+
+
+def test_parity_under_fsdp_pure(tmp_path):
+    # Composer's FSDP with mixed precision PURE (here on one rank): the forward runs in bf16
+    # parameters, and FSDP casts the buffers, RoPE's inverse frequencies included, to bf16.
+    # Documents of up to 2,048 tokens, where rounded frequencies turn tokens by radians; weights
+    # drawn with std 0.1, so that attention is sharp enough at initialization for that to show
+    # (with 0.02 it is nearly uniform, and the probe passes with rounded frequencies too).
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from composer.devices import DeviceGPU
+
+    model_dir = write_model_dir(tmp_path / "model", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                max_position_embeddings=4096, rope_theta=500000.0, initializer_range=0.1)  # fmt: skip
+    parity = PadFreeParity(interval=1, strict=True)
+    fsdp = {"sharding_strategy": "FULL_SHARD", "mixed_precision": "PURE"}
+    trainer = fit(composer_model(model_dir, attn_backend="auto"), [PadFreeAudit(interval=1, strict=True), parity],
+                  batches=1, microbatch=2, rows=[[700, 500, 848], [1500, 548], [2048], [1024, 1024]], seq_len=2048,
+                  device=DeviceGPU(), precision="amp_bf16", parallelism_config={"fsdp": fsdp})  # fmt: skip
+    rotary = next(m for m in trainer.state.model.modules() if isinstance(m, PadFreeRotary))
+    assert rotary.inv_freq.dtype == torch.bfloat16  # what FSDP did to the buffer
+    assert logged(trainer, "padfree/parity/passed") == [1.0]
+    assert 0 < parity.summary["stock_logits_max_rel_diff"]  # stock HF ran in bf16 weights
