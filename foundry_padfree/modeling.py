@@ -95,11 +95,12 @@ class _RMSNorm(torch.autograd.Function):
 class PadFreeRotary(nn.Module):
     """RoPE tables for per-document positions: `(cos_TH, sin_TH)` once per forward.
 
-    The inverse frequencies are computed in fp32. Cast with the model (`model.to(torch.bfloat16)`,
-    or FSDP's `buffer_dtype` under Composer's mixed precision `PURE`), the `inv_freq` buffer is
-    rounded to 8 bits of mantissa, which turns a token at position 2,000 by up to a few radians
-    the wrong way; the forward then uses fp32 frequencies recomputed from the config on the
-    buffer's device (once per device), not the rounded ones.
+    The forward reads fp32 inverse frequencies computed from the config (on the CPU, as stock
+    HF's, then copied once per device), never the values of the `inv_freq` buffer, which stock
+    Llama's name keeps: that buffer is cast with the model (`model.to(torch.bfloat16)`, FSDP's
+    `buffer_dtype` under Composer's mixed precision `PURE` or `DEFAULT`), and rounded to bf16 once
+    it stays rounded when cast back to fp32 (FSDP in eval with `FSDP_USE_FULL_PREC_IN_EVAL`). Rounded
+    frequencies turn a token at position 2,000 by up to a few radians the wrong way.
     """
 
     def __init__(self, config: PadFreeLlamaConfig):
@@ -113,30 +114,30 @@ class PadFreeRotary(nn.Module):
                 f"supported: {', '.join(_STATIC_ROPE_TYPES)}."
             )
         self.config, self.rope_type = config, rope_type
-        inv_freq, self.attention_scaling = self.fp32_inv_freq(None)
+        inv_freq, self.attention_scaling = self.fp32_inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._inv_freq_fp32: Tensor | None = None  # recomputed where the buffer is not fp32
+        self._inv_freq_fp32: Tensor | None = None  # fp32_inv_freq() on the buffer's device
 
-    def fp32_inv_freq(self, device: torch.device | None) -> tuple[Tensor, float]:
-        """The inverse frequencies in fp32 on `device` (the default device for None) and the
-        attention scaling of the RoPE type."""
+    def fp32_inv_freq(self) -> tuple[Tensor, float]:
+        """The inverse frequencies in fp32, computed on the CPU, and the RoPE type's attention scaling."""
+        cpu = torch.device("cpu")  # explicit: also under a meta-device context
         if self.rope_type == "default":
             head_dim = _head_dim(self.config)
-            exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=cpu).float() / head_dim
             return 1.0 / (self.config.rope_theta**exponents), 1.0
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, cpu)
         return inv_freq.float(), scaling
 
     @torch.no_grad()
     def forward(self, position_ids_T: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        inv_freq = self.inv_freq
-        if inv_freq.dtype != torch.float32:
-            cached = self._inv_freq_fp32
-            if cached is None or cached.device != inv_freq.device:
-                cached = self._inv_freq_fp32 = self.fp32_inv_freq(inv_freq.device)[0]
-            inv_freq = cached
+        inv_freq, device = self._inv_freq_fp32, self.inv_freq.device
+        if inv_freq is None or inv_freq.device != device:
+            inv_freq = self.fp32_inv_freq()[0]
+            if device.type == "cuda":  # copied from pinned memory: no sync with the device
+                inv_freq = inv_freq.pin_memory()
+            inv_freq = self._inv_freq_fp32 = inv_freq.to(device, non_blocking=True)
         with torch.autocast(device_type=position_ids_T.device.type, enabled=False):
             freqs_TH2 = position_ids_T.float()[:, None] * inv_freq[None, :]
             emb_TH = torch.cat((freqs_TH2, freqs_TH2), dim=-1)
@@ -643,7 +644,7 @@ class PadFreePreTrainedModel(PreTrainedModel):
             # Needed under meta init: FSDP's param_init_fn knows only HF's own norm classes.
             module.weight.data.fill_(1.0)
         elif isinstance(module, PadFreeRotary):
-            module.inv_freq = module.fp32_inv_freq(module.inv_freq.device)[0]
+            module.inv_freq = module.fp32_inv_freq()[0].to(module.inv_freq.device)
 
 
 class PadFreeLlamaModel(PadFreePreTrainedModel):

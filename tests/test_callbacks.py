@@ -339,6 +339,24 @@ def test_isolation_probes_the_documents_after_the_perturbed_one_in_its_row(model
         fit(composer_model(model_dir), [PadFreeIsolation(interval=1, strict=True)], batches=1)
 
 
+def test_parity_tolerance_is_twice_stock_hf_own_difference_or_the_given_one():
+    assert cb._parity_tolerance(None, 1e-2, 0.03) == 0.06
+    assert cb._parity_tolerance(None, 1e-2, 0.001) == 1e-2  # the floor
+    assert cb._parity_tolerance(None, 1e-4, 0.0) == 1e-4  # fp32: no stock pass
+    assert cb._parity_tolerance(0.5, 1e-2, 0.3) == 0.5  # given: as given
+
+
+def test_parity_tolerances_take_each_their_own_stock_difference(model_dir, monkeypatch):
+    # The loss tolerance from stock HF's loss difference, the logits' from its logits' difference.
+    seen = []
+    monkeypatch.setattr(cb, "_parity_tolerance", lambda given, floor, diff: seen.append(diff) or 1.0)
+    diffs = cb._ParityDiffs(1.0, 1.0, 0.0, 0.0, stock_loss_diff=0.25, stock_logits_rel=0.75)
+    monkeypatch.setattr(PadFreeParity, "_compare", lambda self, *args: diffs)
+    model = composer_model(model_dir).to(torch.bfloat16)
+    fit(model, [PadFreeParity(interval=1)], batches=1)
+    assert seen == [0.25, 0.75]
+
+
 def test_parity_tolerance_follows_the_precision_of_the_products(monkeypatch):
     # 16-bit: the least tolerance (the probe allows twice stock HF's own difference where larger)
     assert cb.default_parity_tolerance(Precision.AMP_BF16, on_gpu=True) == 1e-2
@@ -480,8 +498,10 @@ def test_audit_passes_llm_foundrys_own_text_collator(model_dir):
     )
 
 
-def test_parity_compares_only_logits_on_rows_without_targets(model_dir):
-    # Prompt-only rows: our loss is 0, stock HF's a mean over no targets (NaN); nothing to compare.
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_parity_compares_only_logits_on_rows_without_targets(model_dir, weights):
+    # Prompt-only rows: our loss is 0, stock HF's a mean over no targets (NaN); nothing to compare,
+    # nor any stock HF loss difference in bf16.
     rows = [[5, 3, 7], [4, 6], [16], [2, 2, 2, 9]] * 2
     original = cb._probe_batch
 
@@ -493,10 +513,12 @@ def test_parity_compares_only_logits_on_rows_without_targets(model_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cb, "_probe_batch", no_targets)
         mp.setattr(cb, "read_batch", lambda b: read_batch(dict(b, labels=torch.full_like(b["labels"], -100))))
-        trainer = fit(composer_model(model_dir), [cb_parity], batches=1, rows=rows)
+        trainer = fit(composer_model(model_dir).to(weights), [cb_parity], batches=1, rows=rows)
     assert logged(trainer, "padfree/parity/passed") == [1.0]
     assert logged(trainer, "padfree/parity/loss_compared") == [0.0]
-    assert logged(trainer, "padfree/parity/logits_max_rel_diff")[0] < 1e-4
+    assert logged(trainer, "padfree/parity/logits_max_rel_diff")[0] < (1e-4 if weights == torch.float32 else 2e-2)
+    if weights == torch.bfloat16:
+        assert logged(trainer, "padfree/parity/stock_loss_abs_diff") == [0.0]
 
 
 def test_audit_puts_back_what_it_wrapped_and_is_one_per_run(model_dir):

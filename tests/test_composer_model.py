@@ -97,7 +97,7 @@ def test_meta_init_then_param_init_fn_initializes_our_norms(model_dir):
     assert all(torch.isfinite(p).all() for p in inner.parameters())
     # RoPE's frequencies, a buffer `to_empty` left uninitialized, are recomputed too.
     rotary = inner.model.rotary_emb
-    torch.testing.assert_close(rotary.inv_freq, rotary.fp32_inv_freq(torch.device("cpu"))[0], rtol=0, atol=0)
+    torch.testing.assert_close(rotary.inv_freq, rotary.fp32_inv_freq()[0], rtol=0, atol=0)
 
 
 def test_forward_hands_sequence_id_to_the_model(model_dir):

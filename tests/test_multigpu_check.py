@@ -36,3 +36,18 @@ def test_shipped_report_gives_the_parity_distances():
     text = check.shipped_markdown({"pretrain_135m_fsdp_ac": run})
     assert "parity 1/1" in text
     assert "parity: logits 0.0497 of their maximum from stock HF in fp32, stock HF in this precision 0.0523" in text
+
+
+def test_shipped_runs_launches_only_the_runs_asked_for(tmp_path, monkeypatch):
+    launched = []
+
+    def launch(nprocs, yaml, overrides, log, timeout=None):
+        launched.append(next(o.split("=", 1)[1] for o in overrides if o.startswith("run_name=")))
+        raise RuntimeError("not launched here")
+
+    monkeypatch.setattr(check, "launch", launch)
+    results = check.shipped_runs(tmp_path, tmp_path / "data", tmp_path / "step_record.py",
+                                 runs=("pretrain_135m_ddp", "sft_1b_fsdp_no_ac"))  # fmt: skip
+    assert launched == ["pretrain_135m_ddp", "sft_1b_fsdp_no_ac"]
+    assert set(results) == {"pretrain_135m_ddp", "sft_1b_fsdp_no_ac"}
+    assert not any(r["ok"] for r in results.values())  # each failed launch is reported, not raised

@@ -132,6 +132,11 @@ def test_rope_tables_stay_fp32_in_a_bf16_model(rope):
     assert model.model.rotary_emb.inv_freq.dtype == torch.bfloat16  # what the cast did
     cos_bf16, sin_bf16 = model.model.rotary_emb(positions, torch.bfloat16)
     assert torch.equal(cos_bf16, cos) and torch.equal(sin_bf16, sin)
+    # Cast back (FSDP does so in eval with FSDP_USE_FULL_PREC_IN_EVAL): fp32 again, but rounded.
+    model.to(torch.float32)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    cos_back, sin_back = model.model.rotary_emb(positions, torch.bfloat16)
+    assert torch.equal(cos_back, cos) and torch.equal(sin_back, sin)
 
 
 def test_greedy_generate_matches_hf():
