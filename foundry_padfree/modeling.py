@@ -96,11 +96,11 @@ class PadFreeRotary(nn.Module):
     """RoPE tables for per-document positions: `(cos_TH, sin_TH)` once per forward.
 
     The forward reads fp32 inverse frequencies computed from the config (on the CPU, as stock
-    HF's, then copied once per device), never the values of the `inv_freq` buffer, which stock
-    Llama's name keeps: that buffer is cast with the model (`model.to(torch.bfloat16)`, FSDP's
-    `buffer_dtype` under Composer's mixed precision `PURE` or `DEFAULT`), and rounded to bf16 once
-    it stays rounded when cast back to fp32 (FSDP in eval with `FSDP_USE_FULL_PREC_IN_EVAL`). Rounded
-    frequencies turn a token at position 2,000 by up to a few radians the wrong way.
+    HF's, then copied once per device), never the values of the `inv_freq` buffer, which keeps
+    stock Llama's name. That buffer is cast with the model (`model.to(torch.bfloat16)`, FSDP's
+    `buffer_dtype` under Composer's mixed precision `PURE` or `DEFAULT`), and once rounded to bf16
+    it stays rounded when cast back to fp32 (FSDP in eval with `FSDP_USE_FULL_PREC_IN_EVAL`).
+    Rounded frequencies turn a token at position 2,000 by up to a few radians the wrong way.
     """
 
     def __init__(self, config: PadFreeLlamaConfig):
