@@ -137,8 +137,9 @@ def check_run_name(run_name: str, overrides: list[str] = ()) -> None:
     overrides do not name the run again (the run would take that name, its folder this one)."""
     if not run_name or "/" in run_name or run_name.startswith("."):
         raise ValueError(f"run_name={run_name!r} must be a plain folder name (no '/', not starting with '.').")
-    if any(item.partition("=")[0].strip() == "run_name" for item in overrides):
-        raise ValueError(f"overrides name the run ({[o for o in overrides if o.startswith('run_name')]}); "
+    named = [item for item in overrides if item.partition("=")[0].strip() == "run_name"]
+    if named:
+        raise ValueError(f"overrides name the run ({named}); "
                          "pass --run-name instead: it names the run and its folder on the Volume.")  # fmt: skip
 
 
