@@ -31,7 +31,7 @@ def _nll_and_grad(logits_CV: Tensor, t_C: Tensor, valid_C: Tensor, need_grad: bo
     """
     logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.float32)
     picked_C = logp_CV.gather(1, t_C[:, None]).squeeze(1)
-    nll_sum = -torch.where(valid_C, picked_C, 0.0).sum()  # where, not *: an ignored row may pick -inf
+    nll_sum = -torch.where(valid_C.bool(), picked_C, 0.0).sum()  # where, not *: an ignored row may pick -inf
     if not need_grad:
         return nll_sum, None
     g_CV = torch.empty_like(logits_CV)
@@ -44,7 +44,7 @@ def _nll_and_grad_fused(logits_CV: Tensor, t_C: Tensor, valid_C: Tensor) -> tupl
     """`_nll_and_grad` written without in-place indexing, so that inductor fuses it into a reduction
     and one elementwise pass (the one-hot is an iota comparison)."""
     logp_CV = torch.log_softmax(logits_CV.float(), dim=-1)
-    nll_sum = -torch.where(valid_C, logp_CV.gather(1, t_C[:, None]).squeeze(1), 0.0).sum()
+    nll_sum = -torch.where(valid_C.bool(), logp_CV.gather(1, t_C[:, None]).squeeze(1), 0.0).sum()
     one_hot_CV = torch.arange(logits_CV.shape[1], device=logits_CV.device)[None, :] == t_C[:, None]
     g_CV = logp_CV.exp() - one_hot_CV.float()
     return nll_sum, g_CV.to(logits_CV.dtype)
@@ -139,7 +139,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits_CV = h_CD @ w_VD.t()
                 if fused and need_grad and kernels.usable(logits_CV):
                     # In place: the gradient overwrites the logits, no other [C,V] tensor exists.
-                    nll_sum = torch.where(valid_C, kernels.cross_entropy_grad_(logits_CV, t_C), 0.0).sum()
+                    nll_sum = torch.where(valid_C.bool(), kernels.cross_entropy_grad_(logits_CV, t_C), 0.0).sum()
                     g_CV = logits_CV
                 elif compile_backend is not None and need_grad:
                     for t in (logits_CV, t_C, valid_C):
