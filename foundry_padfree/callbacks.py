@@ -44,6 +44,8 @@ the run is a multiple of it, the first batch of a run from scratch included):
   Composer sets them by default); in bf16/fp16 precisions or with 16-bit weights, twice stock
   HF's own difference from its fp32 self, measured on the same rows in the training precision
   and the model's weight dtype, and at least 1e-2. Rows without a target compare logits only.
+  The reference runs the documents in groups of at most 4,096 padded positions (a longer
+  document alone), so its fp32 logits stay bounded however the documents' lengths are mixed.
 - `padfree_stats` logs real-token fraction, padding positions skipped, the padding a
   one-document-per-row padded batch would have had, documents per row, max_seqlen, and, timing the
   due batch (with a device sync at its start and end), real tokens/s, FLOP/s and MFU from the
@@ -79,6 +81,9 @@ log = logging.getLogger(__name__)
 
 # Inputs a probe forward passes on; labels only where the probe needs a loss.
 _PROBE_KEYS = ("input_ids", "attention_mask", "sequence_id", "position_ids")
+# Padded positions (documents x their longest length) per forward of the parity reference: its
+# fp32 logits take this x vocab x 4 bytes (2 GiB for Llama 3's 128,256), HF's loss about as much.
+_REFERENCE_CELLS = 4096
 # Prefixes FSDP and activation checkpointing add to parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
@@ -757,8 +762,9 @@ class PadFreeParity(Callback):
     from fp32 depends on its depth, its weights and the documents' lengths; there stock HF runs
     the same rows a second time, in the training precision and the model's weight dtype, and the
     model may be at most twice as far from the fp32 reference as stock HF is (never less than
-    the fixed 16-bit tolerance). The reference holds a full copy of the weights, on the training
-    device, only during a probe: between probes its parameters are empty.
+    the fixed 16-bit tolerance). The reference runs the documents in groups of bounded padded
+    size, and holds a full copy of the weights (and a 16-bit one for its second run), on the
+    training device, only during a probe: between probes its parameters are empty.
 
     Args:
         interval: compare every `interval`-th batch, from the first.
@@ -866,40 +872,55 @@ class PadFreeParity(Callback):
         stock_dtype: torch.dtype | None,
     ) -> _ParityDiffs:
         """The model's loss and logits against the fp32 padded reference's; with `stock_dtype`,
-        also stock HF's in the training precision with weights of that dtype."""
-        # Probe-row order, so the reference's real tokens come in the same order as ours.
-        probe_docs = sorted((d._replace(row=rows.index(d.row)) for d in row_docs), key=lambda d: (d.row, d.start))
-        padded = _one_document_per_row(probe, probe_docs)
-        real_ref = padded["attention_mask"].bool()
+        also stock HF's in the training precision with weights of that dtype. The reference runs
+        the documents in groups of at most `_REFERENCE_CELLS` padded positions (or one document),
+        so its fp32 `[docs, L, V]` logits stay bounded however long the longest document is."""
+        probe_docs = [d._replace(row=rows.index(d.row)) for d in row_docs]
+        ref_nll = stock_nll = 0.0  # summed over the targets, from each group's mean
+        targets = 0
+        logits_diff = ref_max = stock_logits_diff = 0.0
         try:
             reference = self._reference_with_current_weights(state)
+            fp32_params = {n: p.data for n, p in reference.named_parameters()}
+            low_params = {n: t.to(stock_dtype) for n, t in fp32_params.items()} if stock_dtype else {}
             with _probe_mode(state):
                 ours = state.model(probe)
-            real_BS = torch.zeros(ours.logits.shape[:2], dtype=torch.bool, device=ours.logits.device)
-            for d in probe_docs:
-                real_BS[d.row, d.start : d.end] = True
-            ours_TV, loss_ours = ours.logits[real_BS].float(), float(ours.loss)
+            loss_ours, ours_BSV = float(ours.loss), ours.logits
             del ours
-            with torch.no_grad():  # fp32 weights, no autocast: the training precision's context is not entered
-                ref = reference(**padded)
-            ref_TV, loss_ref = ref.logits[real_ref].float(), float(ref.loss)  # same token order: row-major
-            del ref
-            stock_loss_diff = stock_logits_rel = 0.0
-            if stock_dtype is not None:
-                with torch.no_grad():
-                    for p in reference.parameters():
-                        p.data = p.data.to(stock_dtype)
-                with _probe_mode(state):
-                    stock = reference(**padded)
-                stock_loss_diff = abs(float(stock.loss) - loss_ref)
-                stock_logits_rel = _max_rel_diff(stock.logits[real_ref].float(), ref_TV)
-                del stock
+            for group in _reference_groups(probe_docs, _REFERENCE_CELLS):
+                padded = _one_document_per_row(probe, group)
+                real_ref = padded["attention_mask"].bool()
+                n = int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())  # HF's targets: shifted within a row
+                rows_T = torch.cat([torch.full((d.length,), d.row) for d in group]).to(ours_BSV.device)
+                cols_T = torch.cat([torch.arange(d.start, d.end) for d in group]).to(ours_BSV.device)
+                ours_TV = ours_BSV[rows_T, cols_T].float()  # the group's tokens in the reference's row-major order
+                with torch.no_grad():  # fp32 weights, no autocast: the training precision's context is not entered
+                    ref = reference(**padded)
+                ref_TV = ref.logits[real_ref].float()
+                targets += n
+                ref_nll += float(ref.loss) * n if n else 0.0  # a group without targets has a NaN mean
+                del ref
+                logits_diff = max(logits_diff, float((ours_TV - ref_TV).abs().max()))
+                ref_max = max(ref_max, float(ref_TV.abs().max()))
+                del ours_TV
+                if low_params:
+                    _set_parameters(reference, low_params)
+                    with _probe_mode(state):
+                        stock = reference(**padded)
+                    _set_parameters(reference, fp32_params)
+                    stock_nll += float(stock.loss) * n if n else 0.0
+                    stock_logits_diff = max(
+                        stock_logits_diff, float((stock.logits[real_ref].float() - ref_TV).abs().max())
+                    )
+                    del stock
         finally:
             if self._reference is not None:
                 _release_parameters(self._reference)
-        logits_diff = float((ours_TV - ref_TV).abs().max())
-        return _ParityDiffs(loss_ours, loss_ref, logits_diff, _max_rel_diff(ours_TV, ref_TV), stock_loss_diff,
-                            stock_logits_rel)  # fmt: skip
+        loss_ref = ref_nll / targets if targets else float("nan")
+        stock_loss_diff = abs(stock_nll / targets - loss_ref) if targets and low_params else 0.0
+        ref_max = max(ref_max, 1e-30)
+        return _ParityDiffs(loss_ours, loss_ref, logits_diff, logits_diff / ref_max, stock_loss_diff,
+                            stock_logits_diff / ref_max)  # fmt: skip
 
     def _reference_with_current_weights(self, state: State) -> nn.Module:
         """Stock HF `LlamaForCausalLM` with the model's current weights in fp32, on its device."""
@@ -939,10 +960,6 @@ class _ParityDiffs(NamedTuple):
     stock_logits_rel: float
 
 
-def _max_rel_diff(x_TV: Tensor, ref_TV: Tensor) -> float:
-    return float((x_TV - ref_TV).abs().max()) / max(float(ref_TV.abs().max()), 1e-30)
-
-
 def _parity_tolerance(given: float | None, floor: float, stock_diff: float) -> float:
     """The user's tolerance, else twice stock HF's own difference in the training precision (0
     where that was not run), and at least the default `floor`."""
@@ -964,6 +981,12 @@ def _weights_dtype(state: State) -> torch.dtype:
         if isinstance(m, FullyShardedDataParallel) and m.mixed_precision.param_dtype is not None:
             return m.mixed_precision.param_dtype
     return next(p.dtype for p in _composer_model(state).parameters() if p.is_floating_point())
+
+
+def _set_parameters(module: nn.Module, data: Mapping[str, Tensor]) -> None:
+    """Point a module's parameters at other tensors (by name), copying nothing."""
+    for name, p in module.named_parameters():
+        p.data = data[name]
 
 
 def _release_parameters(module: nn.Module) -> None:
@@ -999,6 +1022,18 @@ def _clean_name(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
+
+
+def _reference_groups(docs: list[Document], max_cells: int) -> list[list[Document]]:
+    """`docs` in groups whose one-document-per-row padded batch has at most `max_cells` positions
+    (a longer document alone), longest documents first, so that little of it is padding."""
+    groups: list[list[Document]] = []
+    for d in sorted(docs, key=lambda d: -d.length):
+        if groups and (len(groups[-1]) + 1) * groups[-1][0].length <= max_cells:
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+    return groups
 
 
 def _one_document_per_row(probe: Mapping[str, Tensor], docs: list[Document]) -> dict[str, Tensor]:

@@ -331,6 +331,47 @@ def test_parity_in_bf16_allows_twice_stock_hf_own_difference(model_dir, monkeypa
         assert stock < 0.05 and logged(trainer, "padfree/parity/passed") == [0.0]
 
 
+def test_reference_groups_bound_the_padded_positions():
+    lengths = [3, 10, 2, 5, 5, 1]
+    docs = [cb.Document(i % 2, 0, n) for i, n in enumerate(lengths)]
+    groups = cb._reference_groups(docs, max_cells=12)
+    # Longest first; a group grows while its documents x its longest length stay within 12, and a
+    # longer document goes alone.
+    assert [[d.length for d in g] for g in groups] == [[10], [5, 5], [3, 2, 1]]
+    assert [[d.length for d in g] for g in cb._reference_groups(docs, max_cells=4)] == [[10], [5], [5], [3], [2, 1]]
+    assert sorted(d for g in groups for d in g) == sorted(docs)
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_parity_reference_in_small_groups_gives_the_same_result(model_dir, weights):
+    # The reference runs the probe's documents in groups of bounded padded size: its loss is the
+    # mean over all targets whatever the grouping, and every logit is compared once.
+    def probe(cells):
+        shapes = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cb, "_REFERENCE_CELLS", cells)
+            _hook_reference_head(mp, lambda m, a, out: shapes.append((*out.shape[:2], out.dtype)))
+            parity = PadFreeParity(interval=1, strict=True, max_rows=2)
+            fit(composer_model(model_dir).to(weights), [parity], batches=1)
+        return parity.summary, shapes
+
+    whole, whole_shapes = probe(10**6)
+    grouped, shapes = probe(9)
+    # Rows [2, 2, 2, 9] and [5, 3, 7]: the longest document alone, then groups of at most 9 positions.
+    fp32 = [s[:2] for s in shapes if s[2] == torch.float32]
+    assert fp32 == [(1, 9), (1, 7), (1, 5), (3, 3), (1, 2)]
+    assert [s[:2] for s in whole_shapes if s[2] == torch.float32] == [(7, 9)]
+    if weights == torch.bfloat16:  # stock HF's 16-bit pass runs on each group too
+        assert [s[:2] for s in shapes if s[2] == torch.bfloat16] == fp32
+    assert grouped["loss_padfree"] == whole["loss_padfree"]
+    for key in ("loss_reference", "loss_abs_diff", "logits_max_abs_diff", "logits_max_rel_diff"):
+        assert grouped[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-6), key
+    if weights == torch.bfloat16:
+        for key in ("stock_loss_abs_diff", "stock_logits_max_rel_diff"):
+            assert grouped[key] == pytest.approx(whole[key], rel=0.2), key
+    assert grouped["passed"] == 1.0
+
+
 def test_isolation_probes_the_documents_after_the_perturbed_one_in_its_row(model_dir, monkeypatch):
     # Only documents later in the perturbed document's row can move: the probe must perturb one
     # that has documents after it (the first of the busiest row).

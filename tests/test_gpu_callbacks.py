@@ -47,3 +47,34 @@ def test_parity_under_fsdp_pure(tmp_path):
     assert rotary.inv_freq.dtype == torch.bfloat16  # what FSDP did to the buffer
     assert logged(trainer, "padfree/parity/passed") == [1.0]
     assert 0 < parity.summary["stock_logits_max_rel_diff"]  # stock HF ran in bf16 weights
+
+
+def test_parity_reference_memory_is_bounded_by_its_groups(tmp_path, monkeypatch):
+    # One long document beside many short ones, with Llama 3's vocabulary: in one padded batch the
+    # reference's fp32 logits would take 12 documents x 2,048 positions x 128,256 x 4 bytes
+    # (12.6 GB, and HF's loss as much again); in groups of at most 4,096 positions, 2.1 GB.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from composer.devices import DeviceGPU
+
+    import foundry_padfree.callbacks as cb
+
+    model_dir = write_model_dir(tmp_path / "model", vocab_size=128256, hidden_size=256, intermediate_size=512,
+                                max_position_embeddings=2048)  # fmt: skip
+    rows = [[1024] + [100] * 10, [2048]] * 2
+
+    def peak_gib(cells: int) -> float:
+        monkeypatch.setattr(cb, "_REFERENCE_CELLS", cells)
+        parity = PadFreeParity(interval=1, strict=True, max_rows=2)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        trainer = fit(composer_model(model_dir, attn_backend="auto"), [parity], batches=1, microbatch=4, rows=rows,
+                      seq_len=2048, device=DeviceGPU())  # fmt: skip
+        assert logged(trainer, "padfree/parity/passed") == [1.0]
+        assert parity.summary["documents"] == 12.0
+        del trainer
+        return torch.cuda.max_memory_allocated() / 2**30
+
+    whole, grouped = peak_gib(10**9), peak_gib(cb._REFERENCE_CELLS)
+    print(f"peak with the reference in one padded batch {whole:.1f} GiB, in groups {grouped:.1f} GiB")
+    assert grouped < whole / 2
