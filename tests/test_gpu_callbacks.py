@@ -77,6 +77,7 @@ def test_parity_reference_memory_is_bounded_by_its_groups(tmp_path, monkeypatch)
         del trainer
         return torch.cuda.max_memory_allocated() / 2**30
 
-    whole, grouped = peak_gib(10**9), peak_gib(cb._REFERENCE_CELLS)
+    cells = cb._REFERENCE_CELLS
+    whole, grouped = peak_gib(10**9), peak_gib(cells)
     print(f"peak with the reference in one padded batch {whole:.1f} GiB, in groups {grouped:.1f} GiB")
     assert grouped < whole / 2
