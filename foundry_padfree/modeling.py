@@ -115,8 +115,10 @@ class PadFreeRotary(nn.Module):
             )
         self.config, self.rope_type = config, rope_type
         inv_freq, self.attention_scaling = self.fp32_inv_freq()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._inv_freq_fp32: Tensor | None = None  # fp32_inv_freq() on the buffer's device
+        # On the device the parameters are made on: a factory's, which a `with torch.device(...)`
+        # block sets (meta for empty init); `torch.get_default_device()` misses it in torch 2.7.
+        self.register_buffer("inv_freq", inv_freq.to(torch.empty(0).device), persistent=False)
+        self._inv_freq_fp32: Tensor | None = None  # fp32_inv_freq() on the positions' device
 
     def fp32_inv_freq(self) -> tuple[Tensor, float]:
         """The inverse frequencies in fp32, computed on the CPU, and the RoPE type's attention scaling."""
@@ -132,7 +134,7 @@ class PadFreeRotary(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids_T: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        inv_freq, device = self._inv_freq_fp32, self.inv_freq.device
+        inv_freq, device = self._inv_freq_fp32, position_ids_T.device
         if inv_freq is None or inv_freq.device != device:
             inv_freq = self.fp32_inv_freq()[0]
             if device.type == "cuda":  # copied from pinned memory: no sync with the device

@@ -197,6 +197,24 @@ def test_model_logits_and_loss_in_bf16(backend):
     assert abs(loss - ref_loss) <= 2 * abs(pt_loss - ref_loss) + 1e-3
 
 
+def test_a_model_made_on_the_gpu_matches_one_moved_there():
+    # Built under `with torch.device("cuda")`, as the benchmark builds its models, every tensor the
+    # forward reads is on the GPU.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=1024)  # fmt: skip
+    with torch.device("cuda"):
+        made = tiny_model(**shape)
+    moved = tiny_model(**shape)
+    moved.load_state_dict(made.state_dict())
+    moved.cuda()
+    ids = torch.randint(3, 97, (2, 300), device="cuda")
+    seq_id = torch.cat([torch.zeros(2, 100), torch.ones(2, 200)], dim=1).long().cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(made(ids, sequence_id=seq_id).logits, moved(ids, sequence_id=seq_id).logits)
+
+
 def _needs_triton() -> None:
     from foundry_padfree import kernels
 

@@ -139,6 +139,20 @@ def test_rope_tables_stay_fp32_in_a_bf16_model(rope):
     assert torch.equal(cos_back, cos) and torch.equal(sin_back, sin)
 
 
+def test_a_model_made_under_a_device_context_keeps_its_buffers_there():
+    # `with torch.device(...)` (how the benchmark builds on the GPU; meta for empty init): RoPE's
+    # buffer goes where the parameters go, and its tables follow the positions, not the buffer.
+    with torch.device("meta"):
+        empty = tiny_model()
+    assert {t.device.type for t in [*empty.parameters(), *empty.buffers()]} == {"meta"}
+    model = tiny_model(rope_theta=500000.0, max_position_embeddings=8192)
+    positions = torch.arange(4096) * 3 % 8192
+    cos, sin = model.model.rotary_emb(positions, torch.float32)
+    model.model.rotary_emb.inv_freq = torch.empty_like(model.model.rotary_emb.inv_freq, device="meta")
+    cos_meta, sin_meta = model.model.rotary_emb(positions, torch.float32)
+    assert cos_meta.device.type == "cpu" and torch.equal(cos_meta, cos) and torch.equal(sin_meta, sin)
+
+
 def test_greedy_generate_matches_hf():
     model = tiny_model()
     hf = hf_twin(model)
