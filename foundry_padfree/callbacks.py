@@ -81,8 +81,9 @@ log = logging.getLogger(__name__)
 
 # Inputs a probe forward passes on; labels only where the probe needs a loss.
 _PROBE_KEYS = ("input_ids", "attention_mask", "sequence_id", "position_ids")
-# Padded positions (documents x their longest length) per forward of the parity reference: its
-# fp32 logits take this x vocab x 4 bytes (2 GiB for Llama 3's 128,256), HF's loss about as much.
+# Padded positions (documents x their longest length) per forward of the parity reference. A
+# group's passes hold a few fp32 `[positions, V]` tensors at once (the logits, the loss's
+# log-softmax, the compared tokens'), each 2 GiB at this size for Llama 3's vocabulary of 128,256.
 _REFERENCE_CELLS = 4096
 # Prefixes FSDP and activation checkpointing add to parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -763,8 +764,8 @@ class PadFreeParity(Callback):
     the same rows a second time, in the training precision and the model's weight dtype, and the
     model may be at most twice as far from the fp32 reference as stock HF is (never less than
     the fixed 16-bit tolerance). The reference runs the documents in groups of bounded padded
-    size, and holds a full copy of the weights (and a 16-bit one for its second run), on the
-    training device, only during a probe: between probes its parameters are empty.
+    size, and holds a full fp32 copy of the weights (its 16-bit run casts one module's at a
+    time), on the training device, only during a probe: between probes its parameters are empty.
 
     Args:
         interval: compare every `interval`-th batch, from the first.
@@ -878,49 +879,46 @@ class PadFreeParity(Callback):
         probe_docs = [d._replace(row=rows.index(d.row)) for d in row_docs]
         ref_nll = stock_nll = 0.0  # summed over the targets, from each group's mean
         targets = 0
-        logits_diff = ref_max = stock_logits_diff = 0.0
         try:
             reference = self._reference_with_current_weights(state)
-            fp32_params = {n: p.data for n, p in reference.named_parameters()}
-            low_params = {n: t.to(stock_dtype) for n, t in fp32_params.items()} if stock_dtype else {}
             with _probe_mode(state):
                 ours = state.model(probe)
             loss_ours, ours_BSV = float(ours.loss), ours.logits
             del ours
+            # Largest differences, as tensors: a NaN anywhere stays NaN (Python's max would drop it).
+            logits_diff, ref_max, stock_logits_diff = (ours_BSV.new_zeros((), dtype=torch.float32) for _ in range(3))
             for group in _reference_groups(probe_docs, _REFERENCE_CELLS):
                 padded = _one_document_per_row(probe, group)
                 real_ref = padded["attention_mask"].bool()
                 n = int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())  # HF's targets: shifted within a row
-                rows_T = torch.cat([torch.full((d.length,), d.row) for d in group]).to(ours_BSV.device)
-                cols_T = torch.cat([torch.arange(d.start, d.end) for d in group]).to(ours_BSV.device)
-                ours_TV = ours_BSV[rows_T, cols_T].float()  # the group's tokens in the reference's row-major order
                 with torch.no_grad():  # fp32 weights, no autocast: the training precision's context is not entered
                     ref = reference(**padded)
                 ref_TV = ref.logits[real_ref].float()
                 targets += n
                 ref_nll += float(ref.loss) * n if n else 0.0  # a group without targets has a NaN mean
                 del ref
-                logits_diff = max(logits_diff, float((ours_TV - ref_TV).abs().max()))
-                ref_max = max(ref_max, float(ref_TV.abs().max()))
+                rows_T = torch.cat([torch.full((d.length,), d.row) for d in group]).to(ours_BSV.device)
+                cols_T = torch.cat([torch.arange(d.start, d.end) for d in group]).to(ours_BSV.device)
+                ours_TV = ours_BSV[rows_T, cols_T].float()  # the group's tokens in the reference's row-major order
+                logits_diff = torch.maximum(logits_diff, (ours_TV - ref_TV).abs().max())
+                ref_max = torch.maximum(ref_max, ref_TV.abs().max())
                 del ours_TV
-                if low_params:
-                    _set_parameters(reference, low_params)
-                    with _probe_mode(state):
+                if stock_dtype is not None:
+                    with _probe_mode(state), _weights_cast_as_used(reference, stock_dtype):
                         stock = reference(**padded)
-                    _set_parameters(reference, fp32_params)
                     stock_nll += float(stock.loss) * n if n else 0.0
-                    stock_logits_diff = max(
-                        stock_logits_diff, float((stock.logits[real_ref].float() - ref_TV).abs().max())
-                    )
+                    stock_TV = stock.logits[real_ref].float()
                     del stock
+                    stock_logits_diff = torch.maximum(stock_logits_diff, (stock_TV - ref_TV).abs().max())
+                    del stock_TV
         finally:
             if self._reference is not None:
                 _release_parameters(self._reference)
         loss_ref = ref_nll / targets if targets else float("nan")
-        stock_loss_diff = abs(stock_nll / targets - loss_ref) if targets and low_params else 0.0
-        ref_max = max(ref_max, 1e-30)
-        return _ParityDiffs(loss_ours, loss_ref, logits_diff, logits_diff / ref_max, stock_loss_diff,
-                            stock_logits_diff / ref_max)  # fmt: skip
+        stock_loss_diff = abs(stock_nll / targets - loss_ref) if targets and stock_dtype is not None else 0.0
+        ref_max = max(float(ref_max), 1e-30)  # a NaN maximum stays NaN
+        return _ParityDiffs(loss_ours, loss_ref, float(logits_diff), float(logits_diff) / ref_max, stock_loss_diff,
+                            float(stock_logits_diff) / ref_max)  # fmt: skip
 
     def _reference_with_current_weights(self, state: State) -> nn.Module:
         """Stock HF `LlamaForCausalLM` with the model's current weights in fp32, on its device."""
@@ -983,10 +981,31 @@ def _weights_dtype(state: State) -> torch.dtype:
     return next(p.dtype for p in _composer_model(state).parameters() if p.is_floating_point())
 
 
-def _set_parameters(module: nn.Module, data: Mapping[str, Tensor]) -> None:
-    """Point a module's parameters at other tensors (by name), copying nothing."""
-    for name, p in module.named_parameters():
-        p.data = data[name]
+@contextlib.contextmanager
+def _weights_cast_as_used(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Run `module` with its parameters in `dtype`, each submodule's cast when that submodule runs
+    and put back after it: one submodule's copy at a time, never a second copy of the whole model
+    (a tied weight is cast again by each module that uses it)."""
+    originals: dict[int, tuple[nn.Parameter, Tensor]] = {}
+
+    def cast(m: nn.Module, args: Any) -> None:
+        for p in m.parameters(recurse=False):
+            originals.setdefault(id(p), (p, p.data))
+            p.data = originals[id(p)][1].to(dtype)
+
+    def restore(m: nn.Module, args: Any, out: Any) -> None:
+        for p in m.parameters(recurse=False):
+            p.data = originals.pop(id(p))[1]
+
+    owners = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    handles = [h for m in owners for h in (m.register_forward_pre_hook(cast), m.register_forward_hook(restore))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, data in originals.values():  # a forward that raised: put back what it had cast
+            p.data = data
 
 
 def _release_parameters(module: nn.Module) -> None:

@@ -129,7 +129,8 @@ class PadFreeRotary(nn.Module):
             return 1.0 / (self.config.rope_theta**exponents), 1.0
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, cpu)
+        with cpu:  # HF makes some of its tensors on the default device: under meta too, otherwise
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, cpu)
         return inv_freq.float(), scaling
 
     @torch.no_grad()

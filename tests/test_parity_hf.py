@@ -142,9 +142,10 @@ def test_rope_tables_stay_fp32_in_a_bf16_model(rope):
 def test_a_model_made_under_a_device_context_keeps_its_buffers_there():
     # `with torch.device(...)` (how the benchmark builds on the GPU; meta for empty init): RoPE's
     # buffer goes where the parameters go, and its tables follow the positions, not the buffer.
-    with torch.device("meta"):
-        empty = tiny_model()
-    assert {t.device.type for t in [*empty.parameters(), *empty.buffers()]} == {"meta"}
+    for rope_scaling in (None, *ROPE_SCALINGS.values()):  # all but the default come from HF's functions
+        with torch.device("meta"):
+            empty = tiny_model(rope_scaling=rope_scaling, max_position_embeddings=8192)
+        assert {t.device.type for t in [*empty.parameters(), *empty.buffers()]} == {"meta"}, rope_scaling
     model = tiny_model(rope_theta=500000.0, max_position_embeddings=8192)
     positions = torch.arange(4096) * 3 % 8192
     cos, sin = model.model.rotary_emb(positions, torch.float32)
