@@ -460,6 +460,16 @@ def test_stock_pass_casts_one_module_at_a_time_and_puts_every_weight_back(tied):
     assert all(p.dtype == torch.float32 and p.data_ptr() == fp32[n].data_ptr() for n, p in hf.named_parameters())
 
 
+def test_isolation_takes_the_logits_differences_a_few_positions_at_a_time():
+    a, b = torch.randn(2, 7, 11, dtype=torch.bfloat16), torch.randn(2, 7, 11, dtype=torch.bfloat16)
+    b[1, 5, 3] = float("nan")
+    expected = (a.float() - b.float()).abs().amax(dim=-1)
+    for positions in (1, 3, 7, 100):
+        got = cb._max_abs_diff_per_token(a, b, positions)
+        assert got.dtype == torch.float32 and torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and got[1, 5].isnan()
+
+
 def test_isolation_probes_the_documents_after_the_perturbed_one_in_its_row(model_dir, monkeypatch):
     # Only documents later in the perturbed document's row can move: the probe must perturb one
     # that has documents after it (the first of the busiest row).
