@@ -244,14 +244,19 @@ def ours_model(
     return model
 
 
+def head_dim(shape: str) -> int:
+    """The shape's attention head dim as the model takes it: `head_dim`, else hidden size / heads."""
+    c = SHAPES[shape]
+    return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+
+
 def auto_backend(shape: str, device: torch.device) -> str:
     """The attention backend `attn_backend: auto` (the default) gives `shape` on `device` in the
     benchmark's dtype: the eager system the targets are checked on."""
     from foundry_padfree.attention import resolve_backend
 
-    c = SHAPES[shape]
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    return resolve_backend("auto", device, head_dim, torch.bfloat16 if device.type == "cuda" else torch.float32).name
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return resolve_backend("auto", device, head_dim(shape), dtype).name
 
 
 def num_matmul_params(shape: str) -> int:
@@ -259,7 +264,7 @@ def num_matmul_params(shape: str) -> int:
     it is tied to the head)."""
     c = SHAPES[shape]
     D, F, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    H = c.get("head_dim") or D // c["num_attention_heads"]
+    H = head_dim(shape)
     attn = D * H * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
     per_layer = attn + 3 * D * F + 2 * D
     return L * per_layer + D + V * D  # + final norm + head (tied or not, the head is a product)
