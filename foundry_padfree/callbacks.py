@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -782,8 +783,9 @@ class PadFreeParity(Callback):
         max_rows: rows of the live batch compared (the row with the most documents first).
         loss_atol: largest |loss difference| from the fp32 reference allowed; None:
             `default_parity_tolerance` (1e-4 in fp32, 1e-2 in fp32 with TF32 products on a
-            GPU), in 16-bit precisions at least 1e-2 and twice stock HF's own difference. Not
-            checked when the compared rows have no target (`loss_compared` 0).
+            GPU), in 16-bit precisions at least 1e-2 and twice stock HF's own difference (1e-2
+            where that is not finite: stock HF overflowed). Not checked when the compared rows
+            have no target (`loss_compared` 0).
         logits_rtol: largest max|delta logits| / max|reference logits|; None: the same default.
 
     Raises:
@@ -969,8 +971,11 @@ class _ParityDiffs(NamedTuple):
 
 def _parity_tolerance(given: float | None, floor: float, stock_diff: float) -> float:
     """The user's tolerance, else twice stock HF's own difference in the training precision (0
-    where that was not run), and at least the default `floor`."""
-    return given if given is not None else max(floor, 2 * stock_diff)
+    where that was not run), and at least the default `floor`. A stock difference that is not
+    finite (stock HF overflowed, e.g. in fp16) sets nothing: the floor, not a tolerance of inf."""
+    if given is not None:
+        return given
+    return max(floor, 2 * stock_diff) if math.isfinite(stock_diff) else floor
 
 
 def _low_precision(precision: Precision, weights_dtype: torch.dtype) -> bool:

@@ -289,7 +289,9 @@ def _hook_reference_head(monkeypatch, hook) -> None:
 
     def hooked(self, state):
         ref = build(self, state)
-        ref.lm_head.register_forward_hook(hook)
+        if not getattr(ref, "_test_hooked", False):  # the reference lives across probes: hook it once
+            ref.lm_head.register_forward_hook(hook)
+            ref._test_hooked = True
         return ref
 
     monkeypatch.setattr(PadFreeParity, "_reference_with_current_weights", hooked)
@@ -470,6 +472,21 @@ def test_isolation_takes_the_logits_differences_a_few_positions_at_a_time():
         assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and got[1, 5].isnan()
 
 
+def test_parity_is_not_switched_off_by_a_stock_pass_that_overflows(model_dir, monkeypatch):
+    # Every fp32 reference logit 5 higher (the loss is unchanged; our logits are 5 off) and one
+    # logit of stock HF's 16-bit pass inf: twice an inf stock difference must not become the tolerance.
+    def hook(module, args, out):
+        if out.dtype == torch.bfloat16:
+            out = out.clone()
+            out[0, 0, 5] = float("inf")
+            return out
+        return out + 5.0
+
+    _hook_reference_head(monkeypatch, hook)
+    with pytest.raises(PadFreeCheckError, match=r"logits differ .* > 0.01; stock HF in this precision: inf"):
+        fit(composer_model(model_dir).to(torch.bfloat16), [PadFreeParity(interval=1, strict=True)], batches=1)
+
+
 def test_isolation_probes_the_documents_after_the_perturbed_one_in_its_row(model_dir, monkeypatch):
     # Only documents later in the perturbed document's row can move: the probe must perturb one
     # that has documents after it (the first of the busiest row).
@@ -483,6 +500,8 @@ def test_parity_tolerance_is_twice_stock_hf_own_difference_or_the_given_one():
     assert cb._parity_tolerance(None, 1e-2, 0.001) == 1e-2  # the floor
     assert cb._parity_tolerance(None, 1e-4, 0.0) == 1e-4  # fp32: no stock pass
     assert cb._parity_tolerance(0.5, 1e-2, 0.3) == 0.5  # given: as given
+    for overflowed in (math.inf, math.nan):  # stock HF's 16-bit pass overflowed: the floor
+        assert cb._parity_tolerance(None, 1e-2, overflowed) == 1e-2
 
 
 def test_parity_tolerances_take_each_their_own_stock_difference(model_dir, monkeypatch):
