@@ -756,7 +756,7 @@ def _max_abs_diff_per_token(a_BSV: Tensor, b_BSV: Tensor, positions: int = 1024)
     differences of whole `[B,S,V]` logits would take B·S·V·4 bytes each (8 GiB for two 8,192-token
     rows of Llama 3's vocabulary). A NaN on either side gives NaN."""
     chunks = zip(a_BSV.split(positions, dim=1), b_BSV.split(positions, dim=1))
-    return torch.cat([(a.float() - b.float()).abs().amax(dim=-1) for a, b in chunks], dim=1)
+    return torch.cat([(a.float() - b.float()).abs_().amax(dim=-1) for a, b in chunks], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
