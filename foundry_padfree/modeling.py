@@ -129,7 +129,7 @@ class PadFreeRotary(nn.Module):
             return 1.0 / (self.config.rope_theta**exponents), 1.0
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        with cpu:  # HF makes some of its tensors on the default device: under meta too, otherwise
+        with cpu:  # HF makes some tensors on the default device, which a meta-device block would set
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, cpu)
         return inv_freq.float(), scaling
 
