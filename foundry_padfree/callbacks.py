@@ -902,12 +902,10 @@ class PadFreeParity(Callback):
                 padded = _one_document_per_row(probe, group)
                 real_ref = padded["attention_mask"].bool()
                 n = int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())  # HF's targets: shifted within a row
-                with torch.no_grad():  # fp32 weights, no autocast: the training precision's context is not entered
-                    ref = reference(**padded)
-                ref_TV = ref.logits[real_ref].float()
                 targets += n
-                ref_nll += float(ref.loss) * n if n else 0.0  # a group without targets has a NaN mean
-                del ref
+                with torch.no_grad():  # fp32 weights, no autocast: the training precision's context is not entered
+                    nll, ref_TV = _nll_and_real_logits(reference(**padded), real_ref, n)
+                ref_nll += nll
                 rows_T = torch.cat([torch.full((d.length,), d.row) for d in group]).to(ours_BSV.device)
                 cols_T = torch.cat([torch.arange(d.start, d.end) for d in group]).to(ours_BSV.device)
                 ours_TV = ours_BSV[rows_T, cols_T].float()  # the group's tokens in the reference's row-major order
@@ -916,10 +914,8 @@ class PadFreeParity(Callback):
                 del ours_TV
                 if stock_dtype is not None:
                     with _probe_mode(state), _weights_cast_as_used(reference, stock_dtype):
-                        stock = reference(**padded)
-                    stock_nll += float(stock.loss) * n if n else 0.0
-                    stock_TV = stock.logits[real_ref].float()
-                    del stock
+                        nll, stock_TV = _nll_and_real_logits(reference(**padded), real_ref, n)
+                    stock_nll += nll
                     stock_logits_diff = torch.maximum(stock_logits_diff, (stock_TV - ref_TV).abs().max())
                     del stock_TV
         finally:
@@ -967,6 +963,12 @@ class _ParityDiffs(NamedTuple):
     logits_rel: float  # that over max |reference logits|
     stock_loss_diff: float  # stock HF in the training precision vs the fp32 reference (0 when not run)
     stock_logits_rel: float
+
+
+def _nll_and_real_logits(out: Any, real_BS: Tensor, targets: int) -> tuple[float, Tensor]:
+    """A stock HF forward's loss summed over its `targets` (from HF's mean; 0 without targets,
+    whose mean is NaN) and its real tokens' logits in fp32, `[T,V]` in row-major order."""
+    return (float(out.loss) * targets if targets else 0.0), out.logits[real_BS].float()
 
 
 def _parity_tolerance(given: float | None, floor: float, stock_diff: float) -> float:
