@@ -842,17 +842,17 @@ class PadFreeParity(Callback):
         stock_loss_diff = diffs.stock_loss_diff if loss_compared else 0.0
         loss_atol = _parity_tolerance(self.loss_atol, floor, stock_loss_diff)
         logits_rtol = _parity_tolerance(self.logits_rtol, floor, diffs.stock_logits_rel)
-        stock_loss = stock_logits = ""
-        if stock_dtype is not None:
-            stock_loss = f"; stock HF in this precision: {stock_loss_diff:.3g}"
-            stock_logits = f"; stock HF in this precision: {diffs.stock_logits_rel:.3g}"
+
+        def stock(diff: float) -> str:
+            return f"; stock HF in this precision: {diff:.3g}" if stock_dtype is not None else ""
+
         problems = []
         if not loss_diff <= loss_atol:
             problems.append(f"loss {diffs.loss_ours:.6g} vs padded fp32 reference {diffs.loss_ref:.6g}: "
-                            f"|diff| {loss_diff:.3g} > {loss_atol:.3g}{stock_loss}")  # fmt: skip
+                            f"|diff| {loss_diff:.3g} > {loss_atol:.3g}{stock(stock_loss_diff)}")  # fmt: skip
         if not diffs.logits_rel <= logits_rtol:
             problems.append(f"logits differ from the padded fp32 reference by {diffs.logits_diff:.3g} (relative "
-                            f"{diffs.logits_rel:.3g} > {logits_rtol:.3g}{stock_logits})")  # fmt: skip
+                            f"{diffs.logits_rel:.3g} > {logits_rtol:.3g}{stock(diffs.stock_logits_rel)})")  # fmt: skip
         maxima = (loss_diff, diffs.logits_diff, diffs.logits_rel, stock_loss_diff, diffs.stock_logits_rel)
         per_rank, maxima = _across_ranks(state, len(problems), maxima)
         failed_ranks = [r for r, n in enumerate(per_rank) if n]
