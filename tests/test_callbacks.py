@@ -402,6 +402,22 @@ def test_parity_stock_difference_is_the_largest_over_every_group(model_dir, monk
     assert parity.summary["stock_logits_max_rel_diff"] > 0.3
 
 
+def _without_targets(mp: pytest.MonkeyPatch) -> None:
+    """The callbacks see batches of prompt-only rows: every label -100, in what they read of the
+    batch and in their probes."""
+    original = cb._probe_batch
+
+    def no_targets(batch):
+        return dict(batch, labels=torch.full_like(batch["labels"], -100))
+
+    def probe_batch(state, rows, with_labels=False):
+        probe = original(state, rows, with_labels)
+        return no_targets(probe) if with_labels else probe
+
+    mp.setattr(cb, "_probe_batch", probe_batch)
+    mp.setattr(cb, "read_batch", lambda b: read_batch(no_targets(b)))
+
+
 @pytest.mark.parametrize("with_targets", [True, False], ids=["rows_with_targets", "prompt_only_rows"])
 def test_parity_fails_on_nan_logits(model_dir, with_targets):
     # NaN logits where the loss cannot see them: the last token of a document (no target inside
@@ -417,10 +433,7 @@ def test_parity_fails_on_nan_logits(model_dir, with_targets):
     parity = PadFreeParity(interval=1, strict=True, max_rows=2)
     with pytest.MonkeyPatch.context() as mp:
         if not with_targets:
-            original = cb._probe_batch
-            no_labels = lambda b: dict(b, labels=torch.full_like(b["labels"], -100))  # noqa: E731
-            mp.setattr(cb, "_probe_batch", lambda s, r, with_labels=False: no_labels(original(s, r, with_labels)))
-            mp.setattr(cb, "read_batch", lambda b: read_batch(no_labels(b)))
+            _without_targets(mp)
         with pytest.raises(PadFreeCheckError, match=r"logits differ from the padded fp32 reference by nan"):
             fit(model, [parity], batches=1)
 
@@ -661,16 +674,9 @@ def test_parity_compares_only_logits_on_rows_without_targets(model_dir, weights)
     # Prompt-only rows: our loss is 0, stock HF's a mean over no targets (NaN); nothing to compare,
     # nor any stock HF loss difference in bf16.
     rows = [[5, 3, 7], [4, 6], [16], [2, 2, 2, 9]] * 2
-    original = cb._probe_batch
-
-    def no_targets(state, rows_, with_labels=False):
-        probe = original(state, rows_, with_labels)
-        return dict(probe, labels=torch.full_like(probe["labels"], -100)) if with_labels else probe
-
     cb_parity = PadFreeParity(interval=1, strict=True, max_rows=1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cb, "_probe_batch", no_targets)
-        mp.setattr(cb, "read_batch", lambda b: read_batch(dict(b, labels=torch.full_like(b["labels"], -100))))
+        _without_targets(mp)
         trainer = fit(composer_model(model_dir).to(weights), [cb_parity], batches=1, rows=rows)
     assert logged(trainer, "padfree/parity/passed") == [1.0]
     assert logged(trainer, "padfree/parity/loss_compared") == [0.0]
