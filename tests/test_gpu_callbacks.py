@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from composer.devices import DeviceGPU
 
+import foundry_padfree.callbacks as cb
 from foundry_padfree.callbacks import PadFreeAudit, PadFreeParity
 from foundry_padfree.modeling import PadFreeRotary
 from tests.composer_helpers import composer_model, fit, logged, write_model_dir
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def test_parity_reference_holds_no_weights_between_probes(tmp_path):
     # The stock HF reference is a full fp32 copy of the model: on the GPU only while it is compared.
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from composer.devices import DeviceGPU
-
     parity = PadFreeParity(interval=1, strict=True)
     trainer = fit(composer_model(write_model_dir(tmp_path / "model")), [parity], batches=2, microbatch=4,
                   device=DeviceGPU())  # fmt: skip
@@ -34,10 +32,6 @@ def test_parity_under_fsdp_pure(tmp_path):
     # Documents of up to 2,048 tokens, where rounded frequencies turn tokens by radians; weights
     # drawn with std 0.1, so that attention is sharp enough at initialization for that to show
     # (with 0.02 it is nearly uniform, and the probe passes with rounded frequencies too).
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from composer.devices import DeviceGPU
-
     model_dir = write_model_dir(tmp_path / "model", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                 max_position_embeddings=4096, rope_theta=500000.0, initializer_range=0.1)  # fmt: skip
     parity = PadFreeParity(interval=1, strict=True)
@@ -55,12 +49,6 @@ def test_parity_reference_memory_is_bounded_by_its_groups(tmp_path, monkeypatch)
     # One long document beside many short ones, with Llama 3's vocabulary: in one padded batch the
     # reference's fp32 logits would take 12 documents x 2,048 positions x 128,256 x 4 bytes
     # (12.6 GB, and HF's loss as much again); in groups of at most 4,096 positions, 2.1 GB.
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from composer.devices import DeviceGPU
-
-    import foundry_padfree.callbacks as cb
-
     model_dir = write_model_dir(tmp_path / "model", vocab_size=128256, hidden_size=256, intermediate_size=512,
                                 max_position_embeddings=2048)  # fmt: skip
     rows = [[1024] + [100] * 10, [2048]] * 2
