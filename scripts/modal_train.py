@@ -13,8 +13,10 @@ fetches its prebuilt wheel for this torch, CUDA 12 and Python). The Volume `foun
 mounted at /vol: put datasets under /vol/data (`modal volume put`), and checkpoints land in
 /vol/runs/<run_name>/checkpoints (the project YAMLs' HF export in /vol/runs/<run_name>/hf). Set
 `--secret NAME` to pass a Modal Secret (e.g. with WANDB_API_KEY or MLFLOW_TRACKING_URI) to the
-loggers. Each GPU comes with 4 cores and 32 GiB of host memory for its rank; name the run with
-`--run-name` (a `run_name=` override is refused: the run and its folder would differ).
+loggers. Each GPU comes with 4 cores and 32 GiB of host memory for its rank. Name the run with
+`--run-name` (a `run_name=` override is refused: the run and its folder would differ); without one,
+each launch gets a new name, `<yaml stem>-<UTC time>`, as Composer names unnamed runs afresh, so a
+second launch does not meet the first one's checkpoints (the YAMLs set `save_overwrite: false`).
 
 Every launched process gets `NCCL_NVLS_ENABLE=0` and `TORCH_SYMM_MEM_DISABLE_MULTICAST=1`:
 NVLink multicast (NVLS) stays off. Modal's GPUs are shared hosts, where multicast objects may be
@@ -30,6 +32,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import modal
@@ -132,6 +135,12 @@ def resources(gpu_type: str, gpus: int) -> dict:
     return dict(gpu=f"{gpu_type}:{gpus}", cpu=CPU_PER_GPU * gpus, memory=MEMORY_MIB_PER_GPU * gpus)
 
 
+def default_run_name(yaml: str, now: float | None = None) -> str:
+    """A new run name for each launch: the YAML's stem and the UTC time to the second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+    return f"{Path(yaml).stem}-{stamp}"
+
+
 def check_run_name(run_name: str, overrides: list[str] = ()) -> None:
     """Raises ValueError unless `run_name` is a plain folder name (it names the run's folder) and the
     overrides do not name the run again (the run would take that name, its folder this one)."""
@@ -164,11 +173,14 @@ def main(
     gpus: int = DEFAULT_GPUS,
     gpu_type: str = DEFAULT_GPU_TYPE,
     overrides: str = "",
-    run_name: str = "padfree-modal",
+    run_name: str = "",
     secret: str = "",
 ) -> None:
-    """`modal run scripts/modal_train.py --yaml ... [--gpus N --gpu-type T --overrides "k=v ..."]`."""
+    """`modal run scripts/modal_train.py --yaml ... [--gpus N --gpu-type T --overrides "k=v ..." --run-name R]`."""
     override_list = shlex.split(overrides)
+    if not run_name:
+        run_name = default_run_name(yaml)
+        print(f"run_name={run_name} (its folder: {VOLUME_DIR}/runs/{run_name}); pass --run-name to choose it.")
     check_run_name(run_name, override_list)
     build_command(yaml, gpus, override_list, f"{VOLUME_DIR}/runs/{run_name}")  # fail here, before the GPUs start
     options = resources(gpu_type, gpus)

@@ -74,6 +74,26 @@ def test_main_asks_for_the_gpus_with_cores_and_memory_for_their_ranks(monkeypatc
     assert launched == [("yamls/padfree-llama-cpu.yaml", 2, ["max_duration=4ba"], "r1")]
 
 
+def test_each_launch_without_a_run_name_gets_a_new_one(monkeypatch):
+    """A second launch must not meet the first one's checkpoints (the YAMLs refuse to overwrite)."""
+    launched = []
+
+    class Launch:
+        def remote(self, *args):
+            launched.append(args)
+            return 0
+
+    monkeypatch.setattr(modal_train.train, "with_options", lambda **kw: Launch())
+    clock = iter([1_764_000_000.0, 1_764_000_001.0])
+    monkeypatch.setattr(modal_train.time, "time", lambda: next(clock))
+    for _ in range(2):
+        modal_train.main.info.raw_f(yaml="yamls/padfree-llama-cpu.yaml", overrides="max_duration=4ba")
+    names = [args[3] for args in launched]
+    assert names == ["padfree-llama-cpu-20251124-160000", "padfree-llama-cpu-20251124-160001"]
+    for name in names:
+        modal_train.check_run_name(name)
+
+
 def test_image_installs_flash_attn_and_the_project():
     flash = [c for c in modal_train.INSTALL_COMMANDS if "flash-attn" in c]
     assert len(flash) == 1 and "--no-build-isolation" in flash[0], modal_train.INSTALL_COMMANDS
