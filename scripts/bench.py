@@ -675,11 +675,14 @@ def run_child(tasks: list[dict], args, env: dict) -> list[dict]:
         src.write_text(json.dumps(dict(tasks=tasks, args=vars(args)), default=str))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-padfree-worker", str(src), str(dst)]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0 or not dst.exists():
-            tail = (proc.stdout + proc.stderr)[-2000:]
-            return [dict(status=f"child failed (rc {proc.returncode}): {tail}") for _ in tasks]
         sys.stdout.write(proc.stdout)
-        return json.loads(dst.read_text())
+        # The worker writes its results after each task: a crash keeps the rows it finished.
+        done = json.loads(dst.read_text()) if dst.exists() else []
+        if proc.returncode != 0 or len(done) < len(tasks):
+            tail = (proc.stdout + proc.stderr)[-2000:]
+            failed = dict(status=f"child failed (rc {proc.returncode}): {tail}")
+            done += [failed for _ in tasks[len(done) :]]
+        return done
 
 
 def worker_main(src: str, dst: str) -> None:

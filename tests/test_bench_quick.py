@@ -155,6 +155,30 @@ def test_the_padding_free_child_refuses_a_transformers_that_would_not_isolate(mo
     assert result["status"].startswith("not run:") and "4.54" in result["status"]
 
 
+@pytest.mark.parametrize("finished", [0, 1, 2])
+def test_a_crashed_padding_free_child_keeps_the_rows_it_finished(monkeypatch, finished):
+    """The worker writes its results after each task; a crash (e.g. killed for memory) loses only
+    the tasks it had not finished, and they are reported as failed with the exit code."""
+    import argparse
+    import subprocess
+
+    bench = _load_bench()
+    tasks = [dict(system="hf_padfree", shape="tiny", label=f"row{i}", steps=[]) for i in range(2)]
+
+    def crash(cmd, **kwargs):
+        Path(cmd[-1]).write_text(json.dumps([dict(status="ok", row=i) for i in range(finished)]))
+        return subprocess.CompletedProcess(cmd, -9, stdout="", stderr="Killed")
+
+    monkeypatch.setattr(bench.subprocess, "run", crash)
+    results = bench.run_child(tasks, argparse.Namespace(), env={})
+    assert [r.get("row") for r in results[:finished]] == list(range(finished))
+    assert len(results) == 2
+    for r in results[finished:]:
+        assert r["status"].startswith("child failed (rc -9)") and "Killed" in r["status"]
+    if finished == 2:  # every row written, yet the child failed: the rows stand
+        assert all(r["status"] == "ok" for r in results)
+
+
 def test_attention_bench_quick_runs_and_reports(tmp_path):
     import subprocess
 
