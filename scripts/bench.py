@@ -803,9 +803,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             compile_backend="aot_eager",
         )  # fmt: skip
     args = p.parse_args(argv)
+    _check_counts(p, args)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.ours_config = dict(_config_value(item) for item in args.ours_config)
     return args
+
+
+def _check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error naming the option when a count is out of range."""
+    at_least = dict(warmup=0, recompile_steps=0, steps=1, sweep_steps=1, sweep_budget=1, matmul_size=1,
+                    max_doc_len=1, concat_row_len=1)  # fmt: skip
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
+    for name in ("budgets", "sweep_lengths"):
+        bad = [v for v in getattr(args, name) if v < 1]
+        if bad:
+            parser.error(f"--{name.replace('_', '-')} {bad}: token counts must be at least 1")
 
 
 def _config_value(item: str) -> tuple[str, Any]:

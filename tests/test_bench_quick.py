@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -153,6 +154,21 @@ def test_the_padding_free_child_refuses_a_transformers_that_would_not_isolate(mo
     monkeypatch.setattr(bench, "_packed_sdpa_native", lambda: False)
     result = bench._run_hf_padfree_task({}, None, bench.torch.device("cpu"))
     assert result["status"].startswith("not run:") and "4.54" in result["status"]
+
+
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        (["--steps", "0"], "--steps 0: must be at least 1"),
+        (["--warmup", "-1"], "--warmup -1: must be at least 0"),
+        (["--budgets", "8192", "0"], r"--budgets \[0\]: token counts"),
+        (["--sweep-lengths", "-5"], r"--sweep-lengths \[-5\]"),
+    ],
+)
+def test_counts_out_of_range_are_refused_naming_the_option(capsys, option, match):
+    with pytest.raises(SystemExit):
+        _load_bench().parse_args(["--quick", *option])
+    assert re.search(match, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("finished", [0, 1, 2])
