@@ -392,6 +392,21 @@ def test_composer_checkpoint_restores_the_exact_next_batch(data_dir, tmp_path):
     assert len(replayed.input_ids) == 1 and torch.equal(replayed.input_ids[0], recorded.input_ids[2])
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_flatten_has_the_steps_of_llm_foundrys_own_loader(data_dir, drop_last):
+    """120 examples, 7 per step: 17 full steps and one of 1 example, which `drop_last` leaves out
+    in both loaders."""
+    ours = {**_finetuning_yaml(data_dir, "flatten"), "drop_last": drop_last}
+    theirs = {**ours, "name": "finetuning", "prefetch_factor": None, "persistent_workers": False}
+    theirs = {k: v for k, v in theirs.items() if k not in ("packing_mode",)}
+    spec = _build(ours, device_batch_size=7)
+    batches = list(spec.dataloader)
+    foundry = list(_build(theirs, device_batch_size=7).dataloader)
+    assert len(batches) == len(spec.dataloader) == len(foundry) == (17 if drop_last else 18)
+    examples = [spec.get_num_samples_in_batch(b) for b in batches]
+    assert examples == [b["input_ids"].shape[0] for b in foundry]
+
+
 def test_bad_input_gives_clear_errors(data_dir, tmp_path, caplog):
     cfg = _finetuning_yaml(data_dir, "budget")
     cases = [

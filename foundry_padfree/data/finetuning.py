@@ -23,13 +23,15 @@ Each example becomes one document: its turns stitched by LLM-Foundry's
 `max_seq_len` tokens; the count of truncated examples is logged), and its first label ignored.
 How examples become rows and steps is `packing.py`: `budget` fills `device_batch_size` rows of
 `max_tokens_per_row` tokens per device (fewer optimizer steps per epoch than the unpacked loader);
-`flatten` keeps `device_batch_size` examples per device per step (the same number of steps).
+`flatten` keeps `device_batch_size` examples per device per step (the same number of steps,
+`drop_last` included).
 
 Batches are always trimmed to their longest row (rounded up to 8 columns): LLM-Foundry's
 `allow_pad_trimming` and `pad_to_longest` are accepted, with a warning that they change nothing
 (the model computes on real tokens only, so the padded shape costs nothing but host copies).
 
-Examples are never dropped by the packer. The only examples a run does not see are those
+Examples are never dropped by the packer, unless `drop_last: true` asks it to leave out an
+epoch's last step when that step is not full. Otherwise the only examples a run does not see are those
 LLM-Foundry's own HF dataset builder filters out before packing (empty prompt or response, or no
 target left within `max_seq_len`), which it reports in a warning; `scripts/packing_stats.py`
 counts them. A streaming dataset is not filtered by LLM-Foundry, so such an example is an error
@@ -214,7 +216,8 @@ def build_padfree_finetuning_dataloader(
         dataset: the `dataset:` section of LLM-Foundry's `finetuning` loader.
         num_workers, pin_memory, prefetch_factor, persistent_workers, timeout: as for
             `torch.utils.data.DataLoader` (with `num_workers: 0` the last three do not apply).
-        drop_last: accepted for YAML compatibility; nothing is dropped (see `packing.py`).
+        drop_last: leave out an epoch's last step when it is not full, and its examples (see
+            `packing.py`); by default every example is trained on.
         packing_mode: `budget` (fill a token budget) or `flatten` (keep examples per step).
         packing_buffer_size: how many examples the `budget` packer looks ahead.
         max_tokens_per_row: row capacity, at least `dataset.max_seq_len` (its default).
@@ -240,8 +243,6 @@ def build_padfree_finetuning_dataloader(
         dataset_cfg, packing_mode, packing_buffer_size, max_tokens_per_row
     )
     max_seq_len = dataset_cfg["max_seq_len"]
-    if drop_last:
-        log.info("padfree_finetuning: drop_last is ignored; packed loaders never drop examples.")
     for key in _PADDING_KEYS:
         if key in dataset_cfg:
             log.warning(
@@ -287,6 +288,7 @@ def build_padfree_finetuning_dataloader(
         num_replicas=dist.get_world_size() // replication,
         rank=dist.get_global_rank() // replication,
         replication=replication,
+        drop_last=bool(drop_last),
     )
     loader = DataLoader(
         PackedDataset(base, sampler, truncated),

@@ -22,10 +22,14 @@ Two modes (`packing_mode`):
   order comes from this module's own seeded permutation, not torch's), packed into as few rows as
   they need. The number of optimizer steps is unchanged; the number of rows per step varies.
 
-No example is ever dropped or repeated: `drop_last` does not apply, the last step of an epoch may
-be smaller. With several ranks, **every rank gets the same number of rows at every step**: under
-FSDP each microbatch's forward and backward are collectives, so ranks with different microbatch
-counts would wait on each other forever. A rank with fewer rows than the others at a step (the
+No example is ever dropped or repeated, and the last step of an epoch may be smaller, unless
+`drop_last` is set: then, as in a DataLoader, an epoch's last step is left out when it is not full
+(`budget`: fewer than `device_batch_size` rows per device; `flatten`: fewer than
+`device_batch_size` examples per device), and so are its examples for that epoch.
+
+With several ranks, **every rank gets the same number of rows at every step**: under FSDP each
+microbatch's forward and backward are collectives, so ranks with different microbatch counts would
+wait on each other forever. A rank with fewer rows than the others at a step (the
 last step of an epoch in `budget` mode, any step in `flatten` mode) gets rows of padding: no
 example, no token, no sample; the model runs a microbatch of them as one target-less token, so
 every rank's FSDP collectives line up (`EpochPlan.empty_rows` counts them; always 0 on one rank).
@@ -155,6 +159,7 @@ class PackedBatchSampler(DistributedSampler):
         rank: this rank, in [0, num_replicas).
         replication: ranks that get the same data (`dataset.replication`): Composer's sample count,
             summed over all ranks, counts each example that many times.
+        drop_last: leave out an epoch's last step when it is not full.
     """
 
     def __init__(
@@ -170,6 +175,7 @@ class PackedBatchSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         replication: int = 1,
+        drop_last: bool = False,
     ):
         if mode not in PACKING_MODES:
             raise ValueError(f"packing_mode = {mode!r}; choose one of {', '.join(PACKING_MODES)}.")
@@ -194,9 +200,18 @@ class PackedBatchSampler(DistributedSampler):
                 f"example {i} has {int(self.lengths[i])} tokens, outside [1, {row_capacity}] "
                 "(max_tokens_per_row); truncate examples to max_seq_len <= max_tokens_per_row."
             )
+        self.drop_last = bool(drop_last)
         self._budget_rows: list[list[int]] | None = None
         self._cached_plan: tuple[int, EpochPlan] | None = None
         self._resume_examples: int | None = None
+        if len(self) == 0:
+            unit = "rows" if mode == "budget" else "examples"
+            raise ValueError(
+                f"drop_last is set and the {len(self.lengths)} examples fill no whole step ({self._units()} "
+                f"{unit}, {self._units_per_step()} per step: {num_replicas} ranks x device_batch_size "
+                f"{device_batch_size}), so every step would be dropped; set drop_last: false or lower "
+                "device_batch_size."
+            )
 
     # --- the plan -------------------------------------------------------------------------
     def _example_order(self, epoch: int | None) -> np.ndarray:
@@ -231,13 +246,14 @@ class PackedBatchSampler(DistributedSampler):
             rows = [rows[k] for k in np.random.default_rng([self.seed, epoch, 1]).permutation(len(rows))]
         else:  # the dataset's order, not the packer's (longest first)
             rows = sorted(rows, key=min)
-        step_rows = self.num_replicas * self.device_batch_size
+        step_rows = self._units_per_step()
+        rows = rows[: len(self) * step_rows]  # without the last step when drop_last leaves it out
         return EpochPlan([_share_rows(rows[start : start + step_rows], self.num_replicas)
                           for start in range(0, len(rows), step_rows)])  # fmt: skip
 
     def _plan_flatten(self, epoch: int) -> EpochPlan:
-        order = self._example_order(epoch).tolist()
-        step_examples = self.num_replicas * self.device_batch_size
+        step_examples = self._units_per_step()
+        order = self._example_order(epoch).tolist()[: len(self) * step_examples]
         batches = []
         for start in range(0, len(order), step_examples):
             shares = []
@@ -255,7 +271,7 @@ class PackedBatchSampler(DistributedSampler):
         leave out of the metrics (`DistributedSampler` repeats examples to even out the ranks); the
         plan pads with rows without examples instead, so there are none.
         """
-        return len(self.lengths)
+        return len(self.lengths)  # with drop_last the eval loop does not read it
 
     @total_size.setter
     def total_size(self, value: int) -> None:
@@ -263,11 +279,15 @@ class PackedBatchSampler(DistributedSampler):
 
     def __len__(self) -> int:
         """Steps per epoch: the same every epoch (Composer reads it once)."""
-        if self.mode == "budget":
-            units, per_step = len(self.budget_rows()), self.num_replicas * self.device_batch_size
-        else:
-            units, per_step = len(self.lengths), self.num_replicas * self.device_batch_size
-        return -(-units // per_step)
+        full, rest = divmod(self._units(), self._units_per_step())
+        return full if self.drop_last else full + (rest > 0)
+
+    def _units(self) -> int:
+        """What steps are made of in an epoch: rows (`budget`) or examples (`flatten`)."""
+        return len(self.budget_rows()) if self.mode == "budget" else len(self.lengths)
+
+    def _units_per_step(self) -> int:
+        return self.num_replicas * self.device_batch_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         """Each step's `(example_index, row)` keys; a row of padding is one key `(EMPTY_ROW, row)`."""
@@ -280,8 +300,11 @@ class PackedBatchSampler(DistributedSampler):
     def fingerprint(self) -> str:
         """A digest of everything the plan depends on except the epoch."""
         digest = hashlib.sha256(self.lengths.tobytes())
-        options = (self.mode, self.device_batch_size, self.row_capacity, self.buffer_size, self.shuffle,
+        buffer_size = self.buffer_size if self.mode == "budget" else None  # flatten does not read it
+        options = (self.mode, self.device_batch_size, self.row_capacity, buffer_size, self.shuffle,
                    self.seed, self.num_replicas, _PLAN_VERSION)  # fmt: skip
+        if self.drop_last:  # appended, so that the plans without it keep their fingerprints
+            options += ("drop_last",)
         digest.update(repr(options).encode())
         return digest.hexdigest()[:16]
 
