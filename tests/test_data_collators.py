@@ -23,6 +23,36 @@ def _tensor(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32)  # MDS `tokens` columns are often int32
 
 
+@pytest.mark.parametrize(
+    "row, warned",
+    [
+        ([7, 8, EOS, 9, 9], "dataset.eos_token_id: 2"),  # concatenated documents
+        ([BOS, 7, 8, BOS, 9], "dataset.bos_token_id: 1"),
+        ([BOS, 7, 8, 9, EOS], None),  # one document, with its own BOS and EOS
+        ([7, 8], None),
+    ],
+)
+def test_a_row_with_a_separator_inside_warns_when_none_is_set(row, warned, caplog, monkeypatch):
+    from foundry_padfree.data import text
+
+    monkeypatch.setattr(text, "_warned_unsplit", False)
+    collate = PadFreeTextCollator(8, PAD, unset_separators={"eos_token_id": EOS, "bos_token_id": BOS})
+    with caplog.at_level("WARNING", logger="foundry_padfree.data.text"):
+        batch = collate([_tensor(row), _tensor(row)])
+    messages = [r.getMessage() for r in caplog.records]
+    assert batch["sequence_id"][0].tolist()[: len(row)] == [0] * len(row)  # one document, as configured
+    if warned:
+        assert len(messages) == 1 and warned in messages[0], messages
+    else:
+        assert not messages
+    # With a separator set there is nothing to warn about.
+    caplog.clear()
+    monkeypatch.setattr(text, "_warned_unsplit", False)
+    with caplog.at_level("WARNING", logger="foundry_padfree.data.text"):
+        PadFreeTextCollator(8, PAD, eos_token_id=EOS, unset_separators={"eos_token_id": EOS})([_tensor(row)])
+    assert not caplog.records
+
+
 def test_collate_rows_layout():
     docs = [Document(np.array([5, 6, 7]), np.array([5, 6, 7])), Document(np.array([8, 9]), np.array([X, 9]))]
     batch = collate_rows([docs, [Document(np.array([4]), np.array([4]))]], row_len=6, pad_token_id=PAD)

@@ -264,6 +264,52 @@ def test_text_loader_drops_a_partial_last_batch_and_takes_rows_of_exactly_max_se
     assert len(batches) == len(loader) == len(list(foundry)) == 1
 
 
+def test_text_loader_warns_when_concatenated_rows_have_no_separator_set(data_dir, caplog, monkeypatch):
+    """Rows of documents that end with EOS (as `convert_dataset_hf.py --concat_tokens` writes them)
+    read with neither dataset.eos_token_id nor bos_token_id: each row is one document, which is
+    what the YAML says, but almost never what is meant; the warning names the option to set."""
+    from foundry_padfree.data import text
+
+    eos = tokenizer().eos_token_id
+    dataset = {"local": str(data_dir / "tokens"), "split": "train", "shuffle": False, "max_seq_len": 64}
+    cfg = {"name": "padfree_text", "num_workers": 0, "dataset": dataset}
+    for separator, warned in ((None, True), ("eos_token_id", False)):
+        monkeypatch.setattr(text, "_warned_unsplit", False)
+        caplog.clear()
+        config = {**cfg, "dataset": {**dataset, separator: eos}} if separator else cfg
+        with caplog.at_level("WARNING", logger="foundry_padfree.data.text"):
+            batches = list(_build(config, device_batch_size=2).dataloader)
+        messages = [r.getMessage() for r in caplog.records]
+        if warned:
+            assert len(messages) == 1, messages  # once per process, not once per row
+            assert f"set dataset.eos_token_id: {eos}" in messages[0] and "EOS token (id 2)" in messages[0]
+            assert all(len(documents_of(b)[0]) == 1 for b in batches)  # as configured: one document per row
+        else:
+            assert not messages
+            assert any(len(documents_of(b)[0]) > 1 for b in batches)
+
+
+def test_text_loader_warns_when_bos_mode_splits_on_the_tokenizers_eos(tmp_path, caplog):
+    """A tokenizer whose BOS is its EOS (GPT-2's <|endoftext|>): in BOS mode that token is each
+    document's first and never a target, so the warning names eos_token_id."""
+    tok = tokenizer()
+    tok.bos_token = tok.eos_token
+    write_mds(tmp_path / "tokens", {"tokens": "ndarray:int32"}, [{"tokens": np.array([5, 6, 2, 7, 8], np.int32)}])
+    dataset = {"local": str(tmp_path / "tokens"), "split": None, "shuffle": False, "max_seq_len": 8}
+    for separator, warned in (("bos_token_id", True), ("eos_token_id", False)):
+        caplog.clear()
+        cfg = {"name": "padfree_text", "num_workers": 0, "dataset": {**dataset, separator: 2}}
+        with caplog.at_level("WARNING", logger="foundry_padfree.data.text"):
+            batch = next(iter(build_dataloader(copy.deepcopy(cfg), tok, 1).dataloader))
+        messages = [r.getMessage() for r in caplog.records]
+        if warned:
+            assert len(messages) == 1 and "set dataset.eos_token_id: 2 instead" in messages[0], messages
+            assert batch["labels"][0].tolist()[:5] == [-100, 6, -100, 7, 8]  # the separator is never a target
+        else:
+            assert not messages
+            assert batch["labels"][0].tolist()[:5] == [-100, 6, 2, -100, 8]
+
+
 def test_streaming_finetuning_with_a_worker(data_dir, tmp_path):
     cfg = {
         "name": "padfree_finetuning",

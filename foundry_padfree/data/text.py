@@ -11,6 +11,13 @@ are found as LLM-Foundry's `ConcatenatedSequenceCollatorWrapper` finds them:
 - `eos_token_id`: a document ends with (and includes) each EOS;
 - `bos_token_id`: a document starts at each BOS;
 - neither: the row is one document (the usual choice for a `text` column, one text per sample).
+  A row that holds the tokenizer's EOS before its end (or its BOS after its start) then draws a
+  warning naming the option to set: concatenated rows (`convert_dataset_hf.py --concat_tokens`)
+  need `eos_token_id` or `bos_token_id`, or their documents would attend to each other.
+
+When the tokenizer's BOS and EOS are one token (e.g. GPT-2's `<|endoftext|>`), `bos_token_id`
+makes it each document's first token, which is never a target (no document predicts the next),
+so the model would never learn to end a text: the loader warns and names `eos_token_id` instead.
 
 Unlike LLM-Foundry:
 
@@ -109,6 +116,9 @@ class PadFreeTextCollator:
         bos_token_id: document separator (BOS mode), or None.
         trailing_pad_id: a `tokens` row's trailing run of this id is padding (rows stored already
             padded with a pad token of their own), or None.
+        unset_separators: with neither separator set, the tokenizer's `{"eos_token_id": id,
+            "bos_token_id": id}` (either may be absent): a row holding one of them inside it draws
+            a warning (once per process) that names the option to set.
     """
 
     def __init__(
@@ -118,6 +128,7 @@ class PadFreeTextCollator:
         eos_token_id: int | None = None,
         bos_token_id: int | None = None,
         trailing_pad_id: int | None = None,
+        unset_separators: Mapping[str, int] | None = None,
     ):
         if eos_token_id is not None and bos_token_id is not None:
             raise ValueError(
@@ -134,6 +145,10 @@ class PadFreeTextCollator:
                 "the end of a row may be empty documents, not padding: leave trailing_pad_id unset."
             )
         self.trailing_pad_id = trailing_pad_id
+        separated = eos_token_id is not None or bos_token_id is not None
+        self.unset_separators = (
+            {} if separated else {k: v for k, v in (unset_separators or {}).items() if v is not None}
+        )
 
     def __call__(self, samples: Sequence[torch.Tensor | Mapping[str, Any]]) -> dict[str, Any]:
         """`samples`: token tensors (`tokens` column, (L,) integer) or tokenizer outputs (`text`
@@ -143,8 +158,33 @@ class PadFreeTextCollator:
             ids = _real_tokens(sample, self.trailing_pad_id)  # an empty sample is a row of padding
             if len(ids) > self.max_seq_len:
                 raise ValueError(f"sample {k} has {len(ids)} tokens, more than max_seq_len ({self.max_seq_len}).")
+            if self.unset_separators:
+                _warn_unsplit(ids, self.unset_separators)
             rows.append(split_documents(ids, self.eos_token_id, self.bos_token_id))
         return collate_rows(rows, self.max_seq_len, self.pad_token_id)
+
+
+_warned_unsplit = False
+
+
+def _warn_unsplit(ids: np.ndarray, separators: Mapping[str, int]) -> None:
+    """Warn (once per process) when a row that is one document holds a separator inside it."""
+    global _warned_unsplit
+    if _warned_unsplit:
+        return
+    inside = {"eos_token_id": ids[:-1], "bos_token_id": ids[1:]}  # an EOS may end the row, a BOS start it
+    for option, token in separators.items():
+        count = int(np.count_nonzero(inside[option] == token))
+        if count:
+            _warned_unsplit = True
+            log.warning(
+                "padfree_text: a row holds the tokenizer's %s token (id %d) %d time(s) inside it, but neither "
+                "dataset.eos_token_id nor dataset.bos_token_id is set, so each row is trained as one document: "
+                "its documents attend to each other and their positions run on. If rows are concatenated "
+                "documents, set dataset.%s: %d. (Said once per process.)",
+                option[:3].upper(), token, count, option, token,
+            )  # fmt: skip
+            return
 
 
 def _real_tokens(sample: torch.Tensor | Mapping[str, Any], trailing_pad_id: int | None = None) -> np.ndarray:
@@ -259,7 +299,15 @@ def build_padfree_text_dataloader(
     own_pad = tokenizer.pad_token_id
     separators = (tokenizer.eos_token_id, tokenizer.bos_token_id, eos_token_id, bos_token_id)
     trailing_pad_id = own_pad if own_pad is not None and own_pad not in separators else None
-    collator = PadFreeTextCollator(max_seq_len, pad_token_id, eos_token_id, bos_token_id, trailing_pad_id)
+    if bos_token_id is not None and bos_token_id == tokenizer.eos_token_id:
+        log.warning(
+            f"padfree_text: dataset.bos_token_id = {bos_token_id} is also the tokenizer's EOS. Split on it as BOS, "
+            "it is each document's first token, which is never a target (no document predicts the next one), so "
+            f"the model never learns to end a text; set dataset.eos_token_id: {bos_token_id} instead (documents "
+            "then end with it and it is predicted from the document it closes)."
+        )
+    unset = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    collator = PadFreeTextCollator(max_seq_len, pad_token_id, eos_token_id, bos_token_id, trailing_pad_id, unset)
 
     # LLM-Foundry builds and validates the StreamingTextDataset (separator ids against the
     # tokenizer, replication, streams); we keep its dataset and batch size and use our collator.
