@@ -1012,6 +1012,9 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
     def get_decoder(self) -> PadFreeLlamaModel:
         return self.model
 
+    def set_decoder(self, decoder: PadFreeLlamaModel) -> None:
+        self.model = decoder
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save a stock Llama checkpoint: HF weight names and a plain `LlamaConfig`, so
         `transformers.LlamaForCausalLM.from_pretrained` (or `AutoModelForCausalLM`) loads it.

@@ -291,6 +291,34 @@ def test_hf_trainer_evaluation_predicts_logits_only(tmp_path):
     assert not isinstance(predictions, tuple) and predictions.shape == (2, 7, 97)
 
 
+def test_hf_trainer_label_smoothing_shifts_the_labels_as_for_stock_llama(tmp_path):
+    # `Trainer.compute_loss` shifts the labels for its label smoother only for class names in
+    # transformers' causal-LM table; unshifted, it would train each token to predict itself.
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model().train()
+    hf = hf_twin(model).train()
+    ids, mask, labels, _ = padded_batch([11, 6, 9], "right")
+    args = TrainingArguments(str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True)
+    losses = [
+        Trainer(model=m, args=args).compute_loss(m, dict(input_ids=ids, attention_mask=mask, labels=labels))
+        for m in (model, hf)
+    ]
+    torch.testing.assert_close(losses[0], losses[1], **TOL)
+
+
+def test_auto_model_and_the_decoder_accessors():
+    from transformers import AutoModel
+
+    from foundry_padfree import PadFreeLlamaModel
+
+    model = tiny_model()
+    assert type(AutoModel.from_config(model.config)) is PadFreeLlamaModel
+    decoder = PadFreeLlamaModel(model.config)
+    model.set_decoder(decoder)
+    assert model.get_decoder() is decoder is model.model
+
+
 def test_num_logits_to_keep_is_renamed_as_hf_does():
     model = tiny_model()
     ids, mask, _, _ = padded_batch([5, 5], "right")
