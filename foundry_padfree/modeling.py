@@ -783,12 +783,27 @@ _NO_OP_HF_KWARGS = ("cache_position",)
 _FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
+class NoKVCache:
+    """`past_key_values` of `PadFreeLlamaForCausalLM.forward(..., use_cache=True)`: the model keeps
+    no KV cache. Passed back to `forward`, it raises, so that a decoding loop written for a cache
+    (`model(next_ids, past_key_values=out.past_key_values)`) does not score its new tokens without
+    their prefix."""
+
+    def __repr__(self) -> str:
+        return "NoKVCache()"
+
+
 def _check_hf_kwargs(
     hf_kwargs: dict[str, Any], past_key_values: Any, packed: bool, config: PadFreeLlamaConfig, model: str
 ) -> None:
     """Refuse every HF argument that would change the result and that the model does not implement,
     instead of ignoring it: unset (None or False) is the only accepted value. As in HF, the config's
     `output_attentions` and `output_hidden_states` are those arguments' defaults."""
+    if isinstance(past_key_values, NoKVCache):
+        raise ValueError(
+            "past_key_values=NoKVCache(): this model keeps no KV cache, so a step cannot extend the previous "
+            "one. Pass the whole sequence each step (the prompt and the tokens generated so far), or use generate()."
+        )
     if past_key_values is not None:
         raise ValueError("past_key_values are not supported: the model recomputes the prefix (use_cache=False).")
     ignored = _NO_OP_HF_KWARGS + (_FLASH_KWARGS if packed else ())
@@ -941,7 +956,8 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         if return_logits is None:  # a tuple starts (loss, logits) as stock Llama's does
             return_logits = labels is None or not self.training or not return_dict
         logits = self._logits(x_TD, batch.meta, logits_to_keep) if return_logits else None
-        out = PadFreeCausalLMOutput(loss=loss, logits=logits, num_loss_tokens=num_loss_tokens)
+        cache = NoKVCache() if use_cache else None  # asked for by name: a cache that refuses to be extended
+        out = PadFreeCausalLMOutput(loss=loss, logits=logits, past_key_values=cache, num_loss_tokens=num_loss_tokens)
         return out if return_dict else out.to_tuple()
 
     def _deferred_head_grad(self) -> DeferredHeadGrad | None:

@@ -307,6 +307,23 @@ def test_hf_trainer_label_smoothing_shifts_the_labels_as_for_stock_llama(tmp_pat
     torch.testing.assert_close(losses[0], losses[1], **TOL)
 
 
+def test_a_decoding_loop_that_feeds_back_the_cache_is_refused():
+    # Stock Llama returns a cache that the next step extends; this model keeps none, so the
+    # loop's second step would score its token without the prefix. It must raise instead.
+    from foundry_padfree.modeling import NoKVCache
+
+    model = tiny_model()
+    ids = torch.randint(3, 97, (1, 6))
+    out = model(ids, use_cache=True)
+    assert isinstance(out.past_key_values, NoKVCache)
+    assert isinstance(model(ids, use_cache=True, return_dict=False)[1], NoKVCache)  # (logits, cache) as stock
+    with pytest.raises(ValueError, match=r"NoKVCache\(\): this model keeps no KV cache.*whole sequence"):
+        model(ids[:, -1:], past_key_values=out.past_key_values)
+    assert model(ids).past_key_values is None
+    generated = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=True)
+    torch.testing.assert_close(generated, hf_twin(model).generate(ids, max_new_tokens=3, do_sample=False))
+
+
 def test_auto_model_and_the_decoder_accessors():
     from transformers import AutoModel
 
