@@ -107,7 +107,8 @@ def unpad(
 
     Args:
         input_ids: (B, S), integer token ids.
-        attention_mask: (B, S), 1 on real tokens and 0 on padding (HF); padding on one side only.
+        attention_mask: (B, S), 1 on real tokens and 0 on padding (HF): before, after or around
+            each row's real tokens, never between them.
         sequence_id: (B, S), integer; document index within the row (LLM-Foundry), -1 on padding;
             must not decrease along a row.
         position_ids: (B, S), integer; used as given, and a 0 starts a new document (HF
@@ -326,13 +327,6 @@ def _check_rows(
         raise ValueError(
             f"row {r} has padding between real tokens (attention_mask {real[r].astype(int).tolist()}); "
             "padding must sit at one end of each row."
-        )
-    left, right = (first > 0) & used, (last < S - 1) & used
-    if left.any() and right.any():
-        raise ValueError(
-            f"mixed left/right padding: row {int(np.flatnonzero(left)[0])} is left-padded and row "
-            f"{int(np.flatnonzero(right)[0])} is right-padded; pad every row on the same side "
-            "(tokenizer.padding_side)."
         )
     decreases = np.argwhere(flags & _SEQ_ID_DECREASES)
     if len(decreases):

@@ -74,13 +74,6 @@ def test_float_input_ids(model):
         model(torch.ones(2, 3))
 
 
-def test_mixed_left_and_right_padding(model):
-    ids = torch.randint(3, 97, (2, 4))
-    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]])
-    with pytest.raises(ValueError, match=r"mixed left/right padding: row 1 is left-padded and row 0 is right-padded"):
-        model(ids, attention_mask=mask)
-
-
 def test_padding_in_the_middle_of_a_row(model):
     ids = torch.randint(3, 97, (1, 5))
     with pytest.raises(ValueError, match=r"row 0 has padding between real tokens"):

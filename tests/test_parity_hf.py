@@ -63,6 +63,17 @@ def assert_matches_hf(model, ids, mask, labels):
     return ours
 
 
+def test_rows_padded_around_their_tokens_or_on_either_side_match_hf():
+    # Scoring generated text (PPO, GRPO): a prompt padded on the left, then a completion that
+    # ended early, padded on the right; and rows padded on different sides in one batch.
+    model = tiny_model()
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
+    ids = torch.randint(3, 97, mask.shape).masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[torch.arange(4), mask.argmax(-1)] = -100  # stock HF would predict it from the padding before it
+    assert_matches_hf(model, ids, mask, labels)
+
+
 @pytest.mark.parametrize("theta", [100.0, 500000.0])
 def test_rope_theta_matches_hf(theta):
     # Llama 3's 500000 and a small base, under which positions 0..11 already turn far.
