@@ -111,8 +111,8 @@ def unpad(
             each row's real tokens, never between them.
         sequence_id: (B, S), integer; document index within the row (LLM-Foundry), -1 on padding;
             must not decrease along a row.
-        position_ids: (B, S), integer; used as given, and a 0 starts a new document (HF
-            padding-free convention). Without them positions count from 0 in each document.
+        position_ids: (B, S) or (1, S) for every row, integer; used as given, and a 0 starts a new
+            document (HF padding-free convention). Without them positions count from 0 in each document.
         labels: (B, S), integer, unshifted as in HF; IGNORE_INDEX where there is no target.
         max_positions: the largest allowed position + 1 (`max_position_embeddings`), or None.
         vocab_size: labels of real tokens must be IGNORE_INDEX or in `[0, vocab_size)`; None: any.
@@ -135,6 +135,8 @@ def unpad(
     device = input_ids.device if device is None else torch.device(device)
     if device.type == "cuda" and device.index is None:  # "cuda" means the current one, as in torch
         device = torch.device("cuda", torch.cuda.current_device())
+    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        position_ids = position_ids.expand(B, -1)  # one row for every row of the batch, as HF broadcasts it
     for name, t in (("attention_mask", attention_mask), ("sequence_id", sequence_id),
                     ("position_ids", position_ids), ("labels", labels)):  # fmt: skip
         if t is not None and tuple(t.shape) != (B, S):

@@ -74,6 +74,17 @@ def test_rows_padded_around_their_tokens_or_on_either_side_match_hf():
     assert_matches_hf(model, ids, mask, labels)
 
 
+def test_one_row_of_position_ids_serves_every_row_as_in_hf():
+    model = tiny_model()
+    ids = torch.randint(3, 97, (3, 6))
+    ours, ref = model(ids, position_ids=torch.arange(6)[None]), hf_twin(model)(ids, position_ids=torch.arange(6)[None])
+    torch.testing.assert_close(ours.logits, ref.logits, **TOL)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2]])  # two documents per row, in every row
+    torch.testing.assert_close(
+        model(ids, position_ids=packed).logits, model(ids, position_ids=packed.expand(3, 6)).logits
+    )
+
+
 @pytest.mark.parametrize("theta", [100.0, 500000.0])
 def test_rope_theta_matches_hf(theta):
     # Llama 3's 500000 and a small base, under which positions 0..11 already turn far.
