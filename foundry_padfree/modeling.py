@@ -710,7 +710,12 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         backend = self.attention_backend(input_ids_T.device)
         group = self.config.num_attention_heads // self.config.num_key_value_heads
         meta = backend.prepare(meta, group, _head_dim(self.config))  # once per forward, for every layer
-        if head_grad is None:
+        if not _plain(self.embed_tokens, nn.Embedding):
+            # A hook or wrapper may read the shape (NEFTune scales its noise by sequence length ×
+            # width): it gets stock Llama's `[B,S]` ids and `[B,S,D]` output, whose real rows go on.
+            x_BSD = self.embed_tokens(meta.pad(input_ids_T))
+            x_TD = x_BSD.reshape(-1, x_BSD.shape[-1]).index_select(0, meta.indices_T)
+        elif head_grad is None:
             x_TD = self.embed_tokens(input_ids_T)
         else:
             embed = self.embed_tokens

@@ -367,6 +367,27 @@ def test_num_logits_to_keep_is_renamed_as_hf_does():
     torch.testing.assert_close(ours, ref, **TOL)
 
 
+def test_neftune_noise_on_the_embedding_trains_as_in_hf():
+    # HF Trainer's `neftune_noise_alpha` hooks the input embedding and scales its noise by the
+    # output's sequence length and width: it must see stock Llama's [B,S,D] embedding output.
+    from transformers.trainer_utils import neftune_post_forward_hook
+
+    model = tiny_model().train()
+    hf = hf_twin(model).train()
+    ids, mask, labels, _ = padded_batch([11, 6, 9], "right")
+    losses = []
+    for m in (model, hf):
+        m.model.embed_tokens.neftune_noise_alpha = 5.0
+        m.model.embed_tokens.register_forward_hook(neftune_post_forward_hook)
+        torch.manual_seed(7)  # the same noise, drawn over the same [B,S,D] tensor
+        losses.append(m(ids, attention_mask=mask, labels=labels).loss)
+        losses[-1].backward()
+    torch.testing.assert_close(losses[0], losses[1], **TOL)
+    assert_same_grads(model, hf)
+    torch.manual_seed(7)
+    assert not torch.allclose(losses[0], tiny_model().train()(ids, attention_mask=mask, labels=labels).loss)
+
+
 def _scale_output(module, args, output):
     return output * 1.5
 
