@@ -203,9 +203,10 @@ class PadFreeAttention(nn.Module):
         return _apply_rope(q_TNH, cos_TH, sin_TH, self.fused), _apply_rope(k_TKH, cos_TH, sin_TH, self.fused), v_TKH
 
     def split_heads(self, q_TX: Tensor, k_TX: Tensor, v_TX: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The projections' outputs as (T,N,H), (T,K,H), (T,K,H) views."""
+        """The projections' outputs as (T,N,H), (T,K,H), (T,K,H) views. The head counts come from the
+        projections, which tensor parallelism (`tp_plan`) shards by heads."""
         T, H = q_TX.shape[0], self.head_dim
-        return q_TX.view(T, self.num_heads, H), k_TX.view(T, self.num_kv_heads, H), v_TX.view(T, self.num_kv_heads, H)
+        return q_TX.view(T, -1, H), k_TX.view(T, -1, H), v_TX.view(T, -1, H)
 
 
 class PadFreeMLP(nn.Module):

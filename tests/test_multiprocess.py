@@ -215,3 +215,13 @@ def test_callbacks_fail_on_every_rank_when_one_rank_fails(tmp_path):
         assert r["padding_rank"]["padfree/audit/forwards_audited"] == ([1.0, 2.0] if rank == 0 else [])
         assert r["padding_rank"]["padfree/isolation/passed"] == []
         assert len(r["padding_rank"]["loss/train/total"]) == 1
+
+
+def test_tensor_parallel_loading_matches_the_unsharded_model(tmp_path):
+    """`from_pretrained(tp_plan="auto")` shards the projections by heads (Llama's plan, which the
+    config carries); the attention must take its head counts from the sharded projections."""
+    check.launch(2, tmp_path, [], tmp_path / "tp.log", script=REPO / "tests" / "tp_ranks.py")
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"tp_rank{rank}.json").read_text())
+        assert result["ours"]["q_proj_is_sharded"] and result["stock"]["q_proj_is_sharded"], result
+        assert result["ours"]["max_abs_diff"] < 1e-5 and result["stock"]["max_abs_diff"] < 1e-5, result
