@@ -34,9 +34,12 @@ from foundry_padfree.varlen import VarlenMeta, unpad
 
 log = logging.getLogger(__name__)
 
-# RoPE variants whose frequencies do not depend on the batch (dynamic ones rescale with the longest
-# sequence seen, which a packed batch of many documents does not define).
+# RoPE variants whose frequencies do not depend on the batch.
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Dynamic NTK scaling is the default RoPE up to `max_position_embeddings` and rescales its
+# frequencies past it by the longest sequence seen, which a packed batch of many documents does not
+# define: supported up to that length, and a longer document raises (`uses_dynamic_rope`).
+_DYNAMIC_ROPE_TYPES = ("dynamic",)
 
 
 class PadFreeRMSNorm(nn.Module):
@@ -108,10 +111,10 @@ class PadFreeRotary(nn.Module):
         rope_type = "default"
         if config.rope_scaling:
             rope_type = config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
-        if rope_type not in _STATIC_ROPE_TYPES:
+        if rope_type not in _STATIC_ROPE_TYPES + _DYNAMIC_ROPE_TYPES:
             raise ValueError(
                 f"rope_scaling type {rope_type!r} is not supported by the padding-free model; "
-                f"supported: {', '.join(_STATIC_ROPE_TYPES)}."
+                f"supported: {', '.join(_STATIC_ROPE_TYPES + _DYNAMIC_ROPE_TYPES)}."
             )
         self.config, self.rope_type = config, rope_type
         inv_freq, self.attention_scaling = self.fp32_inv_freq()
@@ -758,13 +761,24 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         HF arguments it does not implement raise, as `PadFreeLlamaForCausalLM.forward`'s do."""
         _check_hf_kwargs(hf_kwargs, past_key_values, position_ids is not None, self.config, type(self).__name__)
         _require_input_ids(input_ids)
+        max_positions = self.config.max_position_embeddings if uses_dynamic_rope(self.config) else None
         with torch.no_grad():
-            batch = unpad(input_ids, attention_mask, sequence_id, position_ids, device=self.embed_tokens.weight.device)
+            batch = unpad(
+                input_ids, attention_mask, sequence_id, position_ids, None, max_positions,
+                device=self.embed_tokens.weight.device,
+            )  # fmt: skip
         _warn_past_max_positions(batch.meta, self.config.max_position_embeddings)
         hidden_BSD = batch.meta.pad(self.forward_tokens(batch.input_ids_T, batch.meta))
         if not (return_dict if return_dict is not None else self.config.use_return_dict):
             return (hidden_BSD,)
         return BaseModelOutput(last_hidden_state=hidden_BSD)
+
+
+def uses_dynamic_rope(config: PadFreeLlamaConfig) -> bool:
+    """Whether the config's RoPE is dynamic NTK: then a position past `max_position_embeddings`
+    raises, labels or not, since stock Llama would rescale the frequencies there."""
+    scaling = config.rope_scaling or {}
+    return scaling.get("rope_type", scaling.get("type")) in _DYNAMIC_ROPE_TYPES
 
 
 def _warn_past_max_positions(meta: VarlenMeta, max_positions: int) -> None:
@@ -929,7 +943,8 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
         with torch.no_grad():  # unpad once, before the embedding
             batch = unpad(
                 input_ids, attention_mask, sequence_id, position_ids, labels,
-                max_positions if labels is not None else None, self.config.vocab_size,
+                max_positions if labels is not None or uses_dynamic_rope(self.config) else None,
+                self.config.vocab_size,
                 self.model.embed_tokens.weight.device,
             )  # fmt: skip
         if labels is None:

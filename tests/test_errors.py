@@ -135,11 +135,11 @@ def test_auto_skips_kernels_that_cannot_take_the_dtype(monkeypatch):
     assert wide.model.attention_backend(torch.device("cuda"), torch.bfloat16).name == "flash_attn"
 
 
-def test_dynamic_rope_is_refused():
+def test_unknown_rope_type_is_refused():
     from foundry_padfree import PadFreeLlamaForCausalLM
 
-    with pytest.raises(ValueError, match=r"rope_scaling type 'dynamic' is not supported"):
-        PadFreeLlamaForCausalLM(tiny_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ValueError, match=r"rope_scaling type 'my_rope' is not supported.*dynamic"):
+        PadFreeLlamaForCausalLM(tiny_config(rope_scaling={"rope_type": "my_rope", "factor": 2.0}))
 
 
 @pytest.mark.parametrize("bad", [-1, 97])

@@ -141,6 +141,21 @@ def test_rope_scaling_and_tied_embeddings_match_hf(rope):
     assert_matches_hf(model, *padded_batch([40, 13], "right")[:3])
 
 
+def test_dynamic_rope_is_stock_llamas_up_to_max_positions_and_refuses_beyond():
+    # Dynamic NTK scaling equals the default RoPE up to max_position_embeddings; past it stock
+    # Llama rescales by the batch's longest sequence, which packed documents do not define.
+    model = tiny_model(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16)
+    ids, mask, labels, _ = padded_batch([16, 9, 12], "right")
+    assert_matches_hf(model, ids, mask, labels)
+    longer = torch.randint(3, 97, (1, 17))
+    for kwargs in ({}, {"labels": longer}):
+        with pytest.raises(ValueError, match=r"17 tokens.*longer than max_position_embeddings \(16\)"):
+            model(longer, **kwargs)
+        with pytest.raises(ValueError, match=r"17 tokens.*longer than max_position_embeddings"):
+            model.model(longer)
+    model.model(longer[:, :16])  # up to the limit
+
+
 @pytest.mark.parametrize("rope", ["default", *sorted(ROPE_SCALINGS)])
 def test_rope_tables_stay_fp32_in_a_bf16_model(rope):
     # `model.to(bf16)`, or FSDP's `buffer_dtype` under Composer's `PURE` / `DEFAULT` mixed
