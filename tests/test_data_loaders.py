@@ -292,7 +292,7 @@ def test_text_loader_warns_when_concatenated_rows_have_no_separator_set(data_dir
 def test_text_loader_warns_when_bos_mode_splits_on_the_tokenizers_eos(tmp_path, caplog):
     """A tokenizer whose BOS is its EOS (GPT-2's <|endoftext|>): in BOS mode that token is each
     document's first and never a target, so the warning names eos_token_id."""
-    tok = tokenizer()
+    tok = copy.deepcopy(tokenizer())  # the helper's tokenizer is shared: change a copy
     tok.bos_token = tok.eos_token
     write_mds(tmp_path / "tokens", {"tokens": "ndarray:int32"}, [{"tokens": np.array([5, 6, 2, 7, 8], np.int32)}])
     dataset = {"local": str(tmp_path / "tokens"), "split": None, "shuffle": False, "max_seq_len": 8}
