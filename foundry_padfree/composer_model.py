@@ -133,6 +133,15 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
         **unknown: Any,
     ):
         _reject_unknown_options(unknown)
+        flags = dict(
+            loss_on_real_tokens_only=loss_on_real_tokens_only,
+            use_train_metrics=use_train_metrics,
+            allow_embedding_resizing=allow_embedding_resizing,
+            trust_remote_code=trust_remote_code,
+        )
+        for option, value in flags.items():
+            if not isinstance(value, bool):  # a quoted "false" would read as true
+                raise ValueError(f"padfree_causal_lm: {option}={value!r} must be true or false (unquoted in YAML).")
         if init_device not in INIT_DEVICES:
             raise ValueError(f"init_device={init_device!r} is not supported; use one of {', '.join(INIT_DEVICES)}.")
         if attn_backend not in ATTN_BACKENDS:

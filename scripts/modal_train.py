@@ -15,7 +15,7 @@ mounted at /vol: put datasets under /vol/data (`modal volume put`), and checkpoi
 `--secret NAME` to pass a Modal Secret (e.g. with WANDB_API_KEY or MLFLOW_TRACKING_URI) to the
 loggers. Each GPU comes with 4 cores and 32 GiB of host memory for its rank. Name the run with
 `--run-name` (a `run_name=` override is refused: the run and its folder would differ); without one,
-each launch gets a new name, `<yaml stem>-<UTC time>`, as Composer names unnamed runs afresh, so a
+each launch gets a new name, `<yaml stem>-<UTC time>-<random>`, as Composer names unnamed runs afresh, so a
 second launch does not meet the first one's checkpoints (the YAMLs set `save_overwrite: false`).
 
 Every launched process gets `NCCL_NVLS_ENABLE=0` and `TORCH_SYMM_MEM_DISABLE_MULTICAST=1`:
@@ -29,6 +29,7 @@ The function body runs the same way locally (`train.local(...)`), which is how i
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import subprocess
 import sys
@@ -136,9 +137,10 @@ def resources(gpu_type: str, gpus: int) -> dict:
 
 
 def default_run_name(yaml: str, now: float | None = None) -> str:
-    """A new run name for each launch: the YAML's stem and the UTC time to the second."""
+    """A new run name for each launch: the YAML's stem, the UTC time to the second and a random
+    suffix (launches of one sweep may start in the same second)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
-    return f"{Path(yaml).stem}-{stamp}"
+    return f"{Path(yaml).stem}-{stamp}-{secrets.token_hex(3)}"
 
 
 def check_run_name(run_name: str, overrides: list[str] = ()) -> None:

@@ -195,6 +195,8 @@ def test_tied_embeddings_count_once(tmp_path):
         ({"peft_config": {"peft_type": "LORA", "r": 8}}, r"peft_config: LoRA/PEFT is not supported"),
         ({"load_in_8bit": True}, r"load_in_8bit: 8-bit loading is not supported"),
         ({"compile_layers": "indcutor"}, r"compile_layers='indcutor': use true \(inductor\), false, or the name"),
+        ({"use_train_metrics": "false"}, r"use_train_metrics='false' must be true or false \(unquoted in YAML\)"),
+        ({"loss_on_real_tokens_only": "no"}, r"loss_on_real_tokens_only='no' must be true or false"),
     ],
 )
 def test_bad_options_fail_at_build_time_with_the_fix(model_dir, options, message):

@@ -89,9 +89,15 @@ def test_each_launch_without_a_run_name_gets_a_new_one(monkeypatch):
     for _ in range(2):
         modal_train.main.info.raw_f(yaml="yamls/padfree-llama-cpu.yaml", overrides="max_duration=4ba")
     names = [args[3] for args in launched]
-    assert names == ["padfree-llama-cpu-20251124-160000", "padfree-llama-cpu-20251124-160001"]
+    assert [n.rsplit("-", 1)[0] for n in names] == [
+        "padfree-llama-cpu-20251124-160000",
+        "padfree-llama-cpu-20251124-160001",
+    ]
     for name in names:
         modal_train.check_run_name(name)
+    # Launches in the same second (a sweep) still get folders of their own.
+    same = {modal_train.default_run_name("yamls/padfree-llama-cpu.yaml", now=1_764_000_000.0) for _ in range(5)}
+    assert len(same) == 5
 
 
 def test_image_installs_flash_attn_and_the_project():
