@@ -74,7 +74,7 @@ from torch import Tensor, nn
 import foundry_padfree.modeling as modeling
 from foundry_padfree.attention import BACKENDS
 from foundry_padfree.composer_model import ComposerPadFreeCausalLM, padding_only
-from foundry_padfree.config import is_positive_int
+from foundry_padfree.config import check_flag, is_positive_int
 from foundry_padfree.loss import linear_dtype
 from foundry_padfree.varlen import IGNORE_INDEX, Unpadded
 
@@ -262,12 +262,6 @@ def _max_rows(value: int, name: str) -> int:
     return value
 
 
-def _flag(value: bool, name: str, option: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: {option}={value!r} must be true or false.")
-    return value
-
-
 def _tolerance(value: float, name: str, option: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
         raise ValueError(f"{name}: {option}={value!r} must be a finite number >= 0.")
@@ -406,7 +400,7 @@ class PadFreeAudit(Callback):
 
     def __init__(self, interval: int = 100, strict: bool = False):
         self.interval = _interval(interval, "padfree_audit")
-        self.strict = _flag(strict, "padfree_audit", "strict")
+        self.strict = check_flag(strict, "padfree_audit", "strict")
         self.summary: dict[str, float] = {"forwards_audited": 0, "checks_failed": 0}
         self._record: _ForwardRecord | None = None
         self._batch_docs: BatchDocs | None = None
@@ -679,7 +673,7 @@ class PadFreeIsolation(Callback):
 
     def __init__(self, interval: int = 500, strict: bool = False, atol: float = 0.0, max_rows: int = 2):
         self.interval = _interval(interval, "padfree_isolation")
-        self.strict = _flag(strict, "padfree_isolation", "strict")
+        self.strict = check_flag(strict, "padfree_isolation", "strict")
         self.atol = _tolerance(atol, "padfree_isolation", "atol")
         self.max_rows = _max_rows(max_rows, "padfree_isolation")
         self.summary: dict[str, float] = {"probes": 0, "probes_failed": 0}
@@ -804,7 +798,7 @@ class PadFreeParity(Callback):
         logits_rtol: float | None = None,
     ):
         self.interval = _interval(interval, "padfree_parity")
-        self.strict = _flag(strict, "padfree_parity", "strict")
+        self.strict = check_flag(strict, "padfree_parity", "strict")
         self.max_rows = _max_rows(max_rows, "padfree_parity")
         self.loss_atol = None if loss_atol is None else _tolerance(loss_atol, "padfree_parity", "loss_atol")
         self.logits_rtol = None if logits_rtol is None else _tolerance(logits_rtol, "padfree_parity", "logits_rtol")

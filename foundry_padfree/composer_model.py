@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from foundry_padfree.attention import resolve_backend
-from foundry_padfree.config import ATTN_BACKENDS, PadFreeLlamaConfig
+from foundry_padfree.config import ATTN_BACKENDS, PadFreeLlamaConfig, check_flag
 from foundry_padfree.loss import linear_dtype
 from foundry_padfree.modeling import PadFreeCausalLMOutput, PadFreeLlamaForCausalLM, training_flops
 from foundry_padfree.varlen import IGNORE_INDEX, unpad
@@ -140,8 +140,7 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
             trust_remote_code=trust_remote_code,
         )
         for option, value in flags.items():
-            if not isinstance(value, bool):  # a quoted "false" would read as true
-                raise ValueError(f"padfree_causal_lm: {option}={value!r} must be true or false (unquoted in YAML).")
+            check_flag(value, "padfree_causal_lm", option)
         if init_device not in INIT_DEVICES:
             raise ValueError(f"init_device={init_device!r} is not supported; use one of {', '.join(INIT_DEVICES)}.")
         if attn_backend not in ATTN_BACKENDS:

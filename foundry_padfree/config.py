@@ -19,6 +19,14 @@ def is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def check_flag(value: Any, name: str, option: str) -> bool:
+    """`value` if it is a bool, else a ValueError naming `name: option` (a quoted "false" is a str,
+    which would read as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: {option}={value!r} must be true or false (unquoted in YAML).")
+    return value
+
+
 # Fields that exist only on our config; they are dropped when exporting a stock Llama config.
 PADFREE_FIELDS = ("attn_backend", "loss_chunk_size", "fused_kernels", "recompute_mlp")
 
