@@ -108,9 +108,7 @@ class PadFreeRotary(nn.Module):
 
     def __init__(self, config: PadFreeLlamaConfig):
         super().__init__()
-        rope_type = "default"
-        if config.rope_scaling:
-            rope_type = config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
+        rope_type = _rope_type(config)
         if rope_type not in _STATIC_ROPE_TYPES + _DYNAMIC_ROPE_TYPES:
             raise ValueError(
                 f"rope_scaling type {rope_type!r} is not supported by the padding-free model; "
@@ -774,11 +772,17 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         return BaseModelOutput(last_hidden_state=hidden_BSD)
 
 
+def _rope_type(config: PadFreeLlamaConfig) -> str:
+    """The config's RoPE type: `rope_scaling`'s `rope_type` (or its old name `type`), else default."""
+    if not config.rope_scaling:
+        return "default"
+    return config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
+
+
 def uses_dynamic_rope(config: PadFreeLlamaConfig) -> bool:
     """Whether the config's RoPE is dynamic NTK: then a position past `max_position_embeddings`
     raises, labels or not, since stock Llama would rescale the frequencies there."""
-    scaling = config.rope_scaling or {}
-    return scaling.get("rope_type", scaling.get("type")) in _DYNAMIC_ROPE_TYPES
+    return _rope_type(config) in _DYNAMIC_ROPE_TYPES
 
 
 def _warn_past_max_positions(meta: VarlenMeta, max_positions: int) -> None:
