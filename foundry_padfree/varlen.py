@@ -328,7 +328,7 @@ def _check_rows(
         r = int(holes[0])
         raise ValueError(
             f"row {r} has padding between real tokens (attention_mask {real[r].astype(int).tolist()}); "
-            "padding must sit at one end of each row."
+            "padding must sit before or after a row's real tokens, not between them."
         )
     decreases = np.argwhere(flags & _SEQ_ID_DECREASES)
     if len(decreases):
