@@ -53,6 +53,17 @@ def test_pack_rows_property(lengths, capacity, buffer_size):
         assert sum(sum(lengths[p] for p in row) <= capacity // 2 for row in rows) <= 1
 
 
+# Random plans: lengths, mode, examples or rows per device, ranks, shuffling and epoch.
+PLAN_CASES = dict(
+    lengths=st.lists(st.integers(1, 64), min_size=1, max_size=120),
+    mode=st.sampled_from(["budget", "flatten"]),
+    dbs=st.integers(1, 5),
+    world=st.integers(1, 4),
+    shuffle=st.booleans(),
+    epoch=st.integers(0, 3),
+)
+
+
 def _sampler(
     lengths,
     mode="budget",
@@ -113,14 +124,7 @@ def _check_plan(plan: EpochPlan, sampler: PackedBatchSampler, lengths: list[int]
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    lengths=st.lists(st.integers(1, 64), min_size=1, max_size=120),
-    mode=st.sampled_from(["budget", "flatten"]),
-    dbs=st.integers(1, 5),
-    world=st.integers(1, 4),
-    shuffle=st.booleans(),
-    epoch=st.integers(0, 3),
-)
+@given(**PLAN_CASES)
 def test_sampler_plan_property(lengths, mode, dbs, world, shuffle, epoch):
     samplers = _rank_samplers(lengths, mode, dbs, world, epoch, shuffle)
     plan = samplers[0].plan(epoch)
@@ -159,14 +163,7 @@ def test_composer_eval_counts_every_example_once(lengths, mode, dbs, world, epoc
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    lengths=st.lists(st.integers(1, 64), min_size=1, max_size=120),
-    mode=st.sampled_from(["budget", "flatten"]),
-    dbs=st.integers(1, 5),
-    world=st.integers(1, 4),
-    shuffle=st.booleans(),
-    epoch=st.integers(0, 3),
-)
+@given(**PLAN_CASES)
 def test_drop_last_leaves_out_only_a_last_step_that_is_not_full(lengths, mode, dbs, world, shuffle, epoch):
     whole = _rank_samplers(lengths, mode, dbs, world, epoch, shuffle)
     units = len(whole[0].budget_rows()) if mode == "budget" else len(lengths)

@@ -58,16 +58,17 @@ def test_a_run_name_in_the_overrides_is_refused():
         modal_train.main.info.raw_f(yaml="yamls/padfree-llama-cpu.yaml", overrides="run_name=other max_duration=4ba")
 
 
+class _Launches(list):
+    """Stands in for `train.with_options(...)`: records each `remote` call's arguments."""
+
+    def remote(self, *args):
+        self.append(args)
+        return 0
+
+
 def test_main_asks_for_the_gpus_with_cores_and_memory_for_their_ranks(monkeypatch):
-    launched = []
-
-    class Launch:
-        def remote(self, *args):
-            launched.append(args)
-            return 0
-
-    options = []
-    monkeypatch.setattr(modal_train.train, "with_options", lambda **kw: options.append(kw) or Launch())
+    launched, options = _Launches(), []
+    monkeypatch.setattr(modal_train.train, "with_options", lambda **kw: options.append(kw) or launched)
     modal_train.main.info.raw_f(yaml="yamls/padfree-llama-cpu.yaml", gpus=2, gpu_type="H200",
                                 overrides="max_duration=4ba", run_name="r1")  # fmt: skip
     assert options == [dict(gpu="H200:2", cpu=8.0, memory=2 * 32 * 1024)]
@@ -76,14 +77,8 @@ def test_main_asks_for_the_gpus_with_cores_and_memory_for_their_ranks(monkeypatc
 
 def test_each_launch_without_a_run_name_gets_a_new_one(monkeypatch):
     """A second launch must not meet the first one's checkpoints (the YAMLs refuse to overwrite)."""
-    launched = []
-
-    class Launch:
-        def remote(self, *args):
-            launched.append(args)
-            return 0
-
-    monkeypatch.setattr(modal_train.train, "with_options", lambda **kw: Launch())
+    launched = _Launches()
+    monkeypatch.setattr(modal_train.train, "with_options", lambda **kw: launched)
     clock = iter([1_764_000_000.0, 1_764_000_001.0])
     monkeypatch.setattr(modal_train.time, "time", lambda: next(clock))
     for _ in range(2):
