@@ -220,7 +220,8 @@ def test_callbacks_fail_on_every_rank_when_one_rank_fails(tmp_path):
 def test_tensor_parallel_loading_matches_the_unsharded_model(tmp_path):
     """`from_pretrained(tp_plan="auto")` shards the projections by heads (Llama's plan, which the
     config carries); the attention must take its head counts from the sharded projections."""
-    check.launch(2, tmp_path, [], tmp_path / "tp.log", script=REPO / "tests" / "tp_ranks.py")
+    # About 30 s on 2 cores; a hang after the results (seen once at exit) fails within minutes.
+    check.launch(2, tmp_path, [], tmp_path / "tp.log", timeout=240, script=REPO / "tests" / "tp_ranks.py")
     for rank in (0, 1):
         result = json.loads((tmp_path / f"tp_rank{rank}.json").read_text())
         assert result["ours"]["q_proj_is_sharded"] and result["stock"]["q_proj_is_sharded"], result

@@ -46,6 +46,7 @@ def main(workdir: Path) -> None:
                 "q_proj_is_sharded": type(sharded).__name__ == "DTensor",
             }
     (workdir / f"tp_rank{rank}.json").write_text(json.dumps(diffs))
+    dist.barrier()  # both ranks done before either tears its gloo connections down
     dist.destroy_process_group()
 
 
