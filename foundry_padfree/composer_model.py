@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,7 +56,7 @@ from llmfoundry.models.consts import _MASTER_WEIGHTS_PRECISION
 from llmfoundry.models.hf.hf_causal_lm import ComposerHFCausalLM
 from llmfoundry.utils.config_utils import set_config_overrides
 from torch import Tensor, nn
-from transformers import AutoConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from foundry_padfree.attention import resolve_backend
 from foundry_padfree.config import ATTN_BACKENDS, PadFreeLlamaConfig, check_flag
@@ -278,6 +279,23 @@ class ComposerPadFreeCausalLM(ComposerHFCausalLM):
             if starts_BS is not None:
                 batch["labels"] = batch["labels"].masked_fill(starts_BS, IGNORE_INDEX)
         return super().eval_forward(batch, outputs)
+
+    def get_metadata(self) -> dict[str, Any]:
+        """Composer's HF metadata for checkpoints, naming the stock Llama config and class.
+
+        Composer checkpoints carry this so they can be turned into HF checkpoints
+        (`composer.models.write_huggingface_pretrained_from_composer_checkpoint`, which
+        LLM-Foundry's `convert_composer_to_hf.py` uses; `HuggingFaceModel.hf_from_composer_checkpoint`).
+        With our own config there, those would need `import foundry_padfree` to read it and would
+        write a `padfree_llama` checkpoint; with the stock one they write what `save_pretrained`
+        and the `hf_checkpointer` write: a checkpoint stock `LlamaForCausalLM` loads (the weight
+        names are the same), which `PadFreeLlamaForCausalLM.from_pretrained` loads too.
+        Resuming from a checkpoint does not read this.
+        """
+        metadata = super().get_metadata()
+        metadata["model"]["config"]["content"] = json.loads(self.config.to_llama_config().to_json_string())
+        metadata["model"]["config"]["class"] = f"{LlamaForCausalLM.__module__}.{LlamaForCausalLM.__name__}"
+        return metadata
 
     def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
         """Training FLOPs of `batch`, real tokens only: `6 N T_real + 12 L d sum(len_i^2)`.

@@ -28,11 +28,11 @@ def write_model_dir(path: Path, **overrides) -> Path:
     return path
 
 
-def composer_model(model_dir: Path, seed: int = 0, **options) -> ComposerPadFreeCausalLM:
+def composer_model(model_dir: Path, seed: int = 0, tokenizer=None, **options) -> ComposerPadFreeCausalLM:
     """`padfree_causal_lm` with fresh weights drawn after seeding with `seed`."""
     options.setdefault("attn_backend", "sdpa")
     torch.manual_seed(seed)
-    return ComposerPadFreeCausalLM(tokenizer=None, pretrained_model_name_or_path=str(model_dir), pretrained=False,
+    return ComposerPadFreeCausalLM(tokenizer=tokenizer, pretrained_model_name_or_path=str(model_dir), pretrained=False,
                                    **options)  # fmt: skip
 
 

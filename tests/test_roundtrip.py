@@ -101,3 +101,50 @@ def test_save_pretrained_arguments_as_hf_takes_them(tmp_path, monkeypatch):
     monkeypatch.setattr(PadFreeLlamaForCausalLM, "push_to_hub", push_to_hub)
     model.save_pretrained(tmp_path / "my-model", push_to_hub=True, commit_message="first")
     assert pushed == [("my-model", {"token": None, "commit_message": "first"}, "llama")]
+
+
+# The steps of LLM-Foundry's `scripts/inference/convert_composer_to_hf.py`: the config from the
+# checkpoint's HF metadata (Composer's reader), the weights under `state.model` without the
+# wrapper's `model.` prefix, then `AutoModelForCausalLM` on the folder.
+_CONVERT = """
+import sys
+import torch
+from composer.models.huggingface import get_hf_config_from_composer_state_dict
+from composer.utils import safe_torch_load
+from transformers import AutoModelForCausalLM
+
+checkpoint, out = sys.argv[1:]
+state = safe_torch_load(checkpoint)
+get_hf_config_from_composer_state_dict(state).save_pretrained(out)
+weights = state["state"]["model"]
+torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(weights, prefix="model.")
+torch.save(weights, f"{out}/pytorch_model.bin")
+print(type(AutoModelForCausalLM.from_pretrained(out)).__name__)
+assert "foundry_padfree" not in sys.modules, "the conversion imported foundry_padfree"
+"""
+
+
+def test_a_composer_checkpoint_converts_to_a_stock_checkpoint_without_this_package(tmp_path):
+    """LLM-Foundry's conversion of a Composer checkpoint gives a stock checkpoint, in a process that
+    never imports foundry_padfree."""
+    import subprocess
+    import sys
+
+    from tests.composer_helpers import composer_model, fit, packed_batch, write_model_dir
+    from tests.data_helpers import tokenizer
+
+    model = composer_model(write_model_dir(tmp_path / "config", vocab_size=512), tokenizer=tokenizer())
+    fit(model, callbacks=[], batches=1, save_folder=str(tmp_path / "ckpt"), save_filename="ba{batch}.pt")
+    run = subprocess.run([sys.executable, "-c", _CONVERT, str(tmp_path / "ckpt" / "ba1.pt"), str(tmp_path / "hf")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == "LlamaForCausalLM"
+
+    stock, info = LlamaForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert type(stock) is LlamaForCausalLM
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, mask = packed_batch()["input_ids"], packed_batch()["attention_mask"]  # rows right-padded
+    with torch.no_grad():
+        ours = model.model.eval()(ids, attention_mask=mask).logits
+        expected = stock.eval()(ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours[mask.bool()], expected[mask.bool()])
