@@ -310,7 +310,7 @@ def test_text_loader_warns_when_bos_mode_splits_on_the_tokenizers_eos(tmp_path, 
             assert batch["labels"][0].tolist()[:5] == [-100, 6, 2, -100, 8]
 
 
-def test_streaming_finetuning_with_a_worker(data_dir, tmp_path):
+def test_streaming_finetuning_with_a_worker(data_dir, tmp_path, caplog):
     cfg = {
         "name": "padfree_finetuning",
         "dataset": {
@@ -318,13 +318,19 @@ def test_streaming_finetuning_with_a_worker(data_dir, tmp_path):
             "local": str(tmp_path / "cache"),
             "split": "train",
             "shuffle": True,
+            "shuffle_algo": "py1e",  # StreamingDataset's own order: replaced by ours, with a warning
             "max_seq_len": SEQ,
             "decoder_only_format": True,
         },
         "num_workers": 1,
         "persistent_workers": False,
     }
-    spec = _build(cfg, device_batch_size=4)
+    with caplog.at_level("WARNING", logger="foundry_padfree.data.finetuning"):
+        spec = _build(cfg, device_batch_size=4)
+    assert [r.message for r in caplog.records if "shuffle_algo" in r.message] == [
+        "padfree_finetuning: dataset.shuffle_algo = 'py1e' has no effect: the stream is read map-style, each sample "
+        "once per epoch, in the order of our packing sampler (dataset.shuffle and dataset.shuffle_seed); remove it."
+    ]
     seen = collections.Counter()
     for batch in spec.dataloader:
         for docs in documents_of(batch):

@@ -39,7 +39,8 @@ here, naming its index.
 
 The streaming dataset is read map-style (`dataset[i]`, our seeded order) because packing needs
 each example's length before batching; this reads every sample once at build time to learn the
-lengths, and StreamingDataset's own shuffling options do not apply. An epoch is every sample of
+lengths, and StreamingDataset's own shuffling, sampling and partitioning options do not apply
+(a warning names those set; `shuffle` and `shuffle_seed` do apply). An epoch is every sample of
 every stream once: `epoch_size` and the streams' `repeat`, `proportion` and `choose` are refused.
 """
 
@@ -87,6 +88,17 @@ _FINETUNING_DATASET_KEYS = (
 _ROW_MULTIPLE = 8  # columns are trimmed to the longest row, rounded up to this (tensor-core friendly)
 # LLM-Foundry's options for the padded shape of its batches, which rows here never keep.
 _PADDING_KEYS = ("allow_pad_trimming", "pad_to_longest")
+# StreamingDataset's own ordering and partitioning of samples, which the map-style read replaces
+# (`shuffle` and `shuffle_seed` do apply: our sampler reads them).
+_STREAM_ORDER_KEYS = (
+    "shuffle_algo",
+    "shuffle_block_size",
+    "sampling_method",
+    "sampling_granularity",
+    "partition_algo",
+    "num_canonical_nodes",
+    "batching_method",
+)
 
 
 class ExampleTokens(NamedTuple):
@@ -265,6 +277,14 @@ def build_padfree_finetuning_dataloader(
     base = foundry_loader.dataset
     if isinstance(base, StreamingDataset):
         base = _IndexedStream(base)
+        ignored = {key: dataset_cfg[key] for key in _STREAM_ORDER_KEYS if dataset_cfg.get(key) is not None}
+        if ignored:
+            log.warning(
+                f"padfree_finetuning: {', '.join(f'dataset.{k} = {v!r}' for k, v in ignored.items())} "
+                f"{'has' if len(ignored) == 1 else 'have'} no effect: the stream is read map-style, each sample once "
+                "per epoch, in the order of our packing sampler (dataset.shuffle and dataset.shuffle_seed); remove "
+                f"{'it' if len(ignored) == 1 else 'them'}."
+            )
 
     pad_token_id = tokenizer.pad_token_id  # LLM-Foundry set it to EOS if it was missing
     collator = PadFreeFinetuningCollator(
