@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -163,6 +164,7 @@ def test_the_padding_free_child_refuses_a_transformers_that_would_not_isolate(mo
         (["--warmup", "-1"], "--warmup -1: must be at least 0"),
         (["--budgets", "8192", "0"], r"--budgets \[0\]: token counts"),
         (["--sweep-lengths", "-5"], r"--sweep-lengths \[-5\]"),
+        (["--budgets", "1"], r"--budgets \[1\]: token counts must be at least 2"),
     ],
 )
 def test_counts_out_of_range_are_refused_naming_the_option(capsys, option, match):
@@ -255,3 +257,29 @@ def test_products_bench_quick_counts_every_product_of_a_step(tmp_path, monkeypat
     assert wgrads[0]["name"] == f"head.wgrad[{wgrads[0]['chunk']},first]"
     assert all(0 < p["ms"] < math.inf for p in r["products"]) and r["sequence_ms"] > 0
     assert len(report["sustained"]["tflops_by_tenth"]) == 10 and report["copy_gbps"] > 0
+
+
+def test_the_sync_count_includes_explicit_synchronize_calls():
+    """`set_sync_debug_mode` does not report `torch.cuda.synchronize()` or event and stream waits;
+    the count adds them, at their callers' lines."""
+    bench = _load_bench()
+    torch = bench.torch
+    calls = (torch.cuda.synchronize, lambda: torch.cuda.Event.synchronize(None),
+             lambda: torch.cuda.Stream.synchronize(None))  # fmt: skip
+    with bench._explicit_syncs() as sites:
+        torch.cuda.synchronize  # looked up, not called: not counted
+        for call in calls[1:]:
+            with contextlib.suppress(Exception):  # no CUDA here: the call is what is counted
+                call()
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+    assert len(sites) == 3 and all(site.startswith("test_bench_quick.py:") for site in sites), sites
+    assert torch.cuda.synchronize is calls[0]  # put back
+
+
+def test_flex_padding_free_needs_a_transformers_that_reads_packed_positions(monkeypatch):
+    bench = _load_bench()
+    monkeypatch.setattr(bench, "_packed_sdpa_native", lambda: False)
+    args = bench.parse_args(["--quick"])
+    result = bench.run_system("hf_padfree_flex", args.shapes[0], [[(4, 1)]] * 2, args, bench.torch.device("cpu"))
+    assert result["status"].startswith("not run:") and "4.54" in result["status"]
