@@ -681,10 +681,12 @@ def _documents_isolated(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether a document's logits in a packed row equal its logits alone (no cross-document leak)."""
     model.eval()
     g = torch.Generator().manual_seed(1)
-    a, b = torch.randint(3, 500, (1, 24), generator=g), torch.randint(3, 500, (1, 16), generator=g)
+    # Lengths in whole 128-token blocks: torch 2.11's flex attention, compiled by transformers with
+    # max-autotune, finds no kernel for a 40-token sequence.
+    a, b = torch.randint(3, 500, (1, 256), generator=g), torch.randint(3, 500, (1, 128), generator=g)
     packed = torch.cat([a, b], 1).to(device)
-    pos = torch.cat([torch.arange(24), torch.arange(16)])[None].to(device)
-    together = model(input_ids=packed, position_ids=pos).logits[0, 24:].float()
+    pos = torch.cat([torch.arange(256), torch.arange(128)])[None].to(device)
+    together = model(input_ids=packed, position_ids=pos).logits[0, 256:].float()
     alone = model(input_ids=b.to(device)).logits[0].float()
     model.train()
     return bool((together - alone).abs().max() <= 0.05 * alone.abs().max())
