@@ -342,6 +342,18 @@ def _plain(module: nn.Module, cls: type[nn.Module]) -> bool:
     )
 
 
+def _execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: its weight's device, or for a weight offloaded by accelerate
+    (`device_map` with `"disk"` or `"cpu"` offload: the weight waits on `meta` and the module's hook
+    brings it in at each call) the device the hook runs it on."""
+    device = module.weight.device
+    if device.type == "meta":
+        execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if execution is not None:
+            return torch.device(execution)
+    return device
+
+
 def _hooked(layer: PadFreeDecoderLayer) -> bool:
     """Whether the block's attention, MLP or norms is not its plain self (`_plain`: a hook, a
     replaced `forward`, another module in its place). The block then calls each of them as a
@@ -763,7 +775,7 @@ class PadFreeLlamaModel(PadFreePreTrainedModel):
         with torch.no_grad():
             batch = unpad(
                 input_ids, attention_mask, sequence_id, position_ids, None, max_positions,
-                device=self.embed_tokens.weight.device,
+                device=_execution_device(self.embed_tokens),
             )  # fmt: skip
         _warn_past_max_positions(batch.meta, self.config.max_position_embeddings)
         hidden_BSD = batch.meta.pad(self.forward_tokens(batch.input_ids_T, batch.meta))
@@ -949,7 +961,7 @@ class PadFreeLlamaForCausalLM(PadFreePreTrainedModel, GenerationMixin):
                 input_ids, attention_mask, sequence_id, position_ids, labels,
                 max_positions if labels is not None or uses_dynamic_rope(self.config) else None,
                 self.config.vocab_size,
-                self.model.embed_tokens.weight.device,
+                _execution_device(self.model.embed_tokens),
             )  # fmt: skip
         if labels is None:
             _warn_past_max_positions(batch.meta, max_positions)

@@ -148,3 +148,29 @@ def test_a_composer_checkpoint_converts_to_a_stock_checkpoint_without_this_packa
         ours = model.model.eval()(ids, attention_mask=mask).logits
         expected = stock.eval()(ids, attention_mask=mask).logits
     torch.testing.assert_close(ours[mask.bool()], expected[mask.bool()])
+
+
+def test_accelerate_offload_to_disk_runs_as_the_model_in_memory(tmp_path):
+    """`from_pretrained(device_map=..., offload_folder=...)` leaves offloaded weights on `meta` and
+    brings them in at each call; the batch goes where the embedding computes, not to `meta`."""
+    config = PadFreeLlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_backend="sdpa", pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = PadFreeLlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    device_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}  # fmt: skip
+    offloaded = PadFreeLlamaForCausalLM.from_pretrained(
+        tmp_path / "ckpt", device_map=device_map, offload_folder=tmp_path / "offload", attn_backend="sdpa"
+    ).eval()
+    assert offloaded.model.embed_tokens.weight.device.type == "meta"
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, labels=ids, return_logits=True)
+        got = offloaded(ids, attention_mask=mask, labels=ids, return_logits=True)
+    torch.testing.assert_close(got.loss, expected.loss)
+    torch.testing.assert_close(got.logits[mask.bool()], expected.logits[mask.bool()])
