@@ -99,6 +99,20 @@ if HAS_TRITON:
         tl.store(DW_PARTIAL + pid * D + cols, dw, mask=mask)
 
 
+def first_order_only(what: str) -> None:
+    """Raise in a hand-written backward asked to build a graph of its own (`create_graph=True`, for
+    second-order gradients: Hessian-vector products, gradient penalties). Its kernels and the values
+    it saved in the forward have no derivative, so autograd would otherwise go on with second-order
+    gradients that miss every path through it. Autograd runs a backward with grad mode on only then."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"second-order gradients (backward or autograd.grad with create_graph=True) are not supported by "
+            f"foundry_padfree's {what}: its backward is hand-written and has no derivative. Compute them with "
+            "stock transformers.LlamaForCausalLM (save_pretrained writes a checkpoint it loads) and an attention "
+            "implementation with double backward (attn_implementation='eager')."
+        )
+
+
 class _RMSNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: Tensor, weight_D: Tensor, eps: float, pass_input: bool):
@@ -122,6 +136,7 @@ class _RMSNormTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor | None, grad_input_TD: Tensor | None = None):
+        first_order_only("RMSNorm")
         x_TD, weight_D, rstd_T = ctx.saved_tensors
         T, D = x_TD.shape
         if grad_TD is None:  # only the passed-through input was used
@@ -272,6 +287,7 @@ class _RoPETriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TNH: Tensor) -> tuple[Tensor, None, None]:
+        first_order_only("RoPE kernel")
         # The transpose of the rotation is the rotation by -angle.
         cos_TH, sin_TH = ctx.saved_tensors
         return _rope(grad_TNH, cos_TH, sin_TH, -1.0).to(ctx.x_dtype), None, None

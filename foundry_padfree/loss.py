@@ -170,6 +170,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        # The gradients were computed in the forward, as values: nothing here is differentiable.
+        kernels.first_order_only("chunked output head and cross-entropy")
         grad_h_TD, grad_w_VD = ctx.saved_tensors
         grad_h = grad_h_TD * grad_loss.to(grad_h_TD.dtype) if ctx.needs_input_grad[0] else None
         grad_w = None

@@ -77,6 +77,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor | None, grad_input_TD: Tensor | None = None):
+        kernels.first_order_only("RMSNorm")
         x_TD, weight_D, rstd_T1 = ctx.saved_tensors
         if grad_TD is None:  # only the passed-through input was used
             return grad_input_TD, None, None, None
@@ -267,6 +268,7 @@ class _SiluMul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TF: Tensor) -> tuple[Tensor, Tensor, None]:
+        kernels.first_order_only("SiLU·up")
         gate_TF, up_TF = ctx.saved_tensors
         return *_silu_mul_backward(grad_TF, gate_TF, up_TF, ctx.fused), None
 
@@ -310,6 +312,7 @@ class _SiluMulDown(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor):
+        kernels.first_order_only("MLP")
         gate_TF, up_TF, w_DF = ctx.saved_tensors
         grad_TD = grad_TD.to(w_DF.dtype)
         if ctx.fused:
@@ -397,6 +400,7 @@ class _SharedInputLinears(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        kernels.first_order_only("fused projections")
         x_TD, *weights = ctx.saved_tensors
         grad_x, grad_ws = None, []
         for i, (g, w) in enumerate(zip(grads, weights)):
@@ -582,6 +586,7 @@ class _TiedEmbedding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor):
+        kernels.first_order_only("tied embedding")
         (ids_T,) = ctx.saved_tensors
         head = ctx.head_grad.take()
         if head is None:  # the loss was not part of this backward: the embedding's gradient alone

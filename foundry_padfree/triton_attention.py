@@ -527,6 +527,7 @@ class _VarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do_TNH: Tensor):
+        kernels.first_order_only("Triton attention")
         t = ctx.tiles
         q_TNH, k_TKH, v_TKH, o_TNH, lse_NT, *rope = ctx.saved_tensors
         grads = _backward(

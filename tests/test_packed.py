@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import hf_twin, tiny_model
+from tests.conftest import hf_twin, packed_lm_batch, tiny_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # Two rows of 16: documents of 5, 3, 7 tokens (1 pad), and 4, 6 tokens (6 pads).
@@ -188,3 +188,21 @@ def test_compiled_layers_take_inductor_options_only_where_they_exist(monkeypatch
     modeling._compile(modeling._stack, "inductor")
     modeling._compile(modeling._stack, "aot_eager")
     assert calls == [dict(backend="inductor", options={"triton.x": True}), dict(backend="aot_eager")]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("wrt", ["model.norm.weight", "model.layers.0.mlp.up_proj.weight"])
+def test_second_order_gradients_raise_instead_of_missing_the_hand_written_backwards(tied, wrt):
+    """The hand-written backwards (norm, MLP, output head and loss) have no derivative of their own:
+    a Hessian-vector product through them would miss their paths (zero for the final norm's
+    weight), so `create_graph=True` raises, naming the way out."""
+    model = tiny_model(tie_word_embeddings=tied).train()
+    out = model(**packed_lm_batch())
+    param = model.get_parameter(wrt)
+    with pytest.raises(RuntimeError, match=r"second-order gradients .* not supported .* stock transformers"):
+        (grad,) = torch.autograd.grad(out.loss, param, create_graph=True)
+        torch.autograd.grad(grad.sum(), param)
+    # First-order gradients, with or without retain_graph, are unaffected.
+    out = model(**packed_lm_batch())
+    (grad,) = torch.autograd.grad(out.loss, param, retain_graph=True)
+    assert grad.abs().sum() > 0
