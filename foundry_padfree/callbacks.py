@@ -12,6 +12,10 @@ empty text samples) is not audited, and when any rank's batch is padding only th
 that batch on every rank. None of them writes to the batch or the training state: probe
 forwards run on copies, under `torch.no_grad()`, in eval mode (restored after), without
 randomness. On batches where their interval is not due they do nothing but compare two integers.
+Their run-long counters (`forwards_audited`, `checks_failed`, `probes`, `probes_failed`) and
+`.summary` are saved in Composer's checkpoints, so a resumed run counts on from where it stopped.
+An option a callback does not take raises a `ValueError` naming it, the closest option it takes
+and the callbacks that take it.
 
 YAML (`callbacks:` section; `interval` counts optimizer steps: a batch is due when its index in
 the run is a multiple of it, the first batch of a run from scratch included):
@@ -24,10 +28,13 @@ the run is a multiple of it, the first batch of a run from scratch included):
 - `padfree_audit` checks a due batch and the training forward that runs on it: document
   boundaries, positions and labels are consistent (and `loss_generating_tokens`/`total_tokens`,
   which Composer uses to weigh microbatches and count tokens/s, match what the model does); the
-  model unpadded exactly once; the embedding saw the batch's `[T]` real-token ids (compared by
-  value); every layer's attention ran the varlen kernel once, on `[T,...]` tokens, with the very
-  same `cu_seqlens` tensor that the one unpad built; documents, positions and the number of loss
-  targets are the ones the batch describes. The forward is observed with hooks installed for that
+  model unpadded exactly once; the embedding computed on the batch's `[T]` real-token ids
+  (compared by value; a hooked or wrapped embedding, such as NEFTune's, which the model gives
+  stock Llama's re-padded `[B,S]` ids on purpose, is reported as `embedding_padded`, not failed);
+  every layer's attention ran the varlen kernel once, on `[T,...]` tokens, with the very same
+  `cu_seqlens` tensor that the one unpad built; documents, positions and the number of loss
+  targets are the ones the batch describes. Each microbatch's forward is checked; the batch's
+  metrics are logged once, at its end. The forward is observed with hooks installed for that
   forward only; layers compiled by `compile_layers` are observed at their compiled calls.
   LLM-Foundry's own `text` collator counts the labels at document starts in
   `loss_generating_tokens`, which the model accounts for; they are logged
@@ -55,6 +62,8 @@ the run is a multiple of it, the first batch of a run from scratch included):
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import logging
 import math
 import time
@@ -247,7 +256,57 @@ def _composer_model(state: State) -> ComposerPadFreeCausalLM:
 def _check_model(state: State, callback: str) -> None:
     model = _composer_model(state)
     if not isinstance(model, ComposerPadFreeCausalLM):
-        raise TypeError(f"{callback} verifies padfree_causal_lm models; this run's model is {type(model).__name__}.")
+        raise TypeError(
+            f"{callback} verifies padfree_causal_lm models; this run's model is {type(model).__name__}. Set "
+            f"`model.name: padfree_causal_lm`, or remove {callback} from `callbacks`."
+        )
+
+
+def _options(cls: type[Callback]) -> list[str]:
+    """The YAML options a callback's constructor takes."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def _reject_unknown_options(unknown: Mapping[str, Any], name: str, cls: type[Callback]) -> None:
+    """A ValueError naming each of `unknown`, the closest option `name` takes, and the callbacks
+    that do take it: LLM-Foundry's `build_callback` passes a YAML section as keyword arguments, so
+    without this a misplaced option (`strict` on `padfree_stats`) is a bare TypeError."""
+    if not unknown:
+        return
+    known = _options(cls)
+    problems = []
+    for option in sorted(unknown):
+        close = difflib.get_close_matches(option, known, n=1)
+        takers = [n for n, c in _CALLBACKS.items() if option in _options(c)]
+        if close:
+            problems.append(f"{option}: did you mean {close[0]!r}?")
+        elif takers:
+            problems.append(f"{option}: an option of {', '.join(takers)}, not of {name}")
+        else:
+            problems.append(f"{option}: not an option of {name}")
+    raise ValueError(
+        f"unknown option(s) for {name}: {'; '.join(problems)}. {name} takes {', '.join(known)}; rename or "
+        "remove the others."
+    )
+
+
+class _RunState:
+    """Composer's checkpoints hold what a callback's `state_dict` returns (Composer's `Serializable`
+    gives `{}`): here its `.summary`, run-long counters included, and the once-per-run warnings
+    already given, so a run resumed from a checkpoint counts on instead of starting again from 0."""
+
+    summary: dict[str, Any]
+    _run_flags: tuple[str, ...] = ()  # attributes that say a once-per-run warning was given
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"summary": dict(self.summary), **{flag: getattr(self, flag) for flag in self._run_flags}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A checkpoint written before the callbacks had any state holds {}: the counts start at 0 then.
+        self.summary.update(state.get("summary", {}))
+        for flag in self._run_flags:
+            setattr(self, flag, state.get(flag, getattr(self, flag)))
 
 
 def _interval(value: int, name: str) -> int:
@@ -373,19 +432,54 @@ def _across_ranks(state: State, failures: int, maxima: tuple[float, ...] = ()) -
 @dataclass
 class _ForwardRecord:
     unpads: list[Unpadded] = field(default_factory=list)
-    embed_inputs: list[Tensor] = field(default_factory=list)  # the token ids the embedding got
+    embed_inputs: list[Tensor] = field(default_factory=list)  # the token ids the embedding computed on
+    # Why the embedding was called as a module (a hook, a wrapper), when it was: None for the plain one.
+    embedding_note: str | None = None
     layer_inputs: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, x shape)
     # layer, backend, meta (None: not one the forward's backend prepared), q's shape and dtype
     attends: list[tuple[int, str, Any, tuple[int, ...], torch.dtype]] = field(default_factory=list)
     prepared: list[Any] = field(default_factory=list)  # the metadata `Backend.prepare` returned
 
 
-class PadFreeAudit(Callback):
+@dataclass
+class _BatchTotals:
+    """What the audited forwards (microbatches) of one batch saw on this rank, logged once at the
+    batch's end: loggers keep one value per key and step, so a value per microbatch would keep
+    only the last microbatch's."""
+
+    forwards: int = 0
+    real_tokens: int = 0
+    documents: int = 0
+    boundary_targets_counted: int = 0
+    unpad_calls: list[int] = field(default_factory=list)  # per forward
+    varlen_layers: list[int] = field(default_factory=list)  # per forward
+    embedding_padded: bool = False  # an embedding computed on `[B,S]` ids in some forward
+    problems: list[str] = field(default_factory=list)
+
+
+def _worst(per_forward: list[int], expected: int) -> int:
+    """The count farthest from `expected` (the larger on a tie): one forward that unpadded twice,
+    or ran the kernel in fewer layers, shows in the batch's value instead of being averaged away."""
+    return max(per_forward, key=lambda n: (abs(n - expected), n))
+
+
+class PadFreeAudit(_RunState, Callback):
     """Check a due batch and the training forward on it (see the module docstring).
 
-    Each audited forward logs what it saw on this rank (`unpad_calls`, `varlen_layers`,
-    `real_tokens`, ...); at the end of the batch `passed` and `checks_failed` are logged over all
-    ranks. The audit's own work is left out of `padfree_stats`' timing.
+    Each microbatch's forward is checked on its own; at the end of the batch the audit logs, once,
+    what its audited forwards saw on this rank: `real_tokens`, `documents` and
+    `boundary_targets_counted` summed over them, `unpad_calls` and `varlen_layers` of the forward
+    farthest from one unpad and from every layer (`num_layers`), `embedding_padded`; and over all
+    ranks `passed` and `checks_failed`. `forwards_audited` counts the run's audited forwards. The
+    audit's own work is left out of `padfree_stats`' timing.
+
+    A hooked or wrapped embedding (a forward hook, as HF Trainer's NEFTune installs; a replaced
+    `forward`; a wrapper class) is called by the model on stock Llama's re-padded `[B,S]` ids, on
+    purpose: such a hook may read the shape (NEFTune scales its noise by it), and every decoder
+    layer after it still runs on `[T]` tokens. The audit then checks those ids against the batch,
+    logs `embedding_padded` 1.0 (0.0 when the embedding computed on `[T]` ids), warns once, and
+    keeps the reason in `.summary["embedding_note"]`. It does not count as a failed check, even
+    with `strict`, since the configuration is supported; read `embedding_padded` to tell it apart.
 
     Args:
         interval: audit the forwards of every `interval`-th batch (all its microbatches), from the first.
@@ -393,19 +487,24 @@ class PadFreeAudit(Callback):
             instead of only logging it.
 
     Raises:
-        ValueError: when constructed with an option of the wrong kind or out of range.
+        ValueError: when constructed with an unknown option, or one of the wrong kind or out of range.
         TypeError: at init, if the run's model is not `padfree_causal_lm`.
+        ValueError: at init, when the run has more than one `padfree_audit`.
         PadFreeCheckError: with `strict`, when a check fails.
     """
 
-    def __init__(self, interval: int = 100, strict: bool = False):
+    _run_flags = ("_warned_padded_embedding",)
+
+    def __init__(self, interval: int = 100, strict: bool = False, **unknown: Any):
+        _reject_unknown_options(unknown, "padfree_audit", PadFreeAudit)
         self.interval = _interval(interval, "padfree_audit")
         self.strict = check_flag(strict, "padfree_audit", "strict")
-        self.summary: dict[str, float] = {"forwards_audited": 0, "checks_failed": 0}
+        self.summary: dict[str, Any] = {"forwards_audited": 0, "checks_failed": 0}
         self._record: _ForwardRecord | None = None
         self._batch_docs: BatchDocs | None = None
         self._cleanup: contextlib.ExitStack | None = None
-        self._batch_problems: list[str] = []  # of the batch being audited
+        self._totals = _BatchTotals()  # of the batch being audited
+        self._warned_padded_embedding = False
 
     def init(self, state: State, logger: Logger) -> None:
         _check_model(state, "padfree_audit")
@@ -438,26 +537,28 @@ class PadFreeAudit(Callback):
         assert docs is not None, "padfree_audit: forward record without the batch it belongs to"
         with _ProbeClock.measure(state):
             forward_problems, varlen_layers = _check_forward(state, record, docs)
-        problems = docs.problems + forward_problems
-        self._batch_problems += problems
+        totals = self._totals
+        totals.problems += docs.problems + forward_problems
+        totals.forwards += 1
+        totals.real_tokens += docs.num_tokens
+        totals.documents += len(docs.docs)
+        totals.boundary_targets_counted += docs.boundary_targets_counted
+        totals.unpad_calls.append(len(record.unpads))
+        totals.varlen_layers.append(varlen_layers)
+        if record.embedding_note is not None and any(ids.dim() == 2 for ids in record.embed_inputs):
+            totals.embedding_padded = True
+            self.summary["embedding_note"] = record.embedding_note
+            if not self._warned_padded_embedding:
+                log.warning("padfree_audit: %s", record.embedding_note)
+                self._warned_padded_embedding = True
         self.summary["forwards_audited"] += 1
-        metrics = {
-            "padfree/audit/forwards_audited": self.summary["forwards_audited"],
-            "padfree/audit/unpad_calls": float(len(record.unpads)),
-            "padfree/audit/varlen_layers": float(varlen_layers),
-            "padfree/audit/num_layers": float(_composer_model(state).config.num_hidden_layers),
-            "padfree/audit/real_tokens": float(docs.num_tokens),
-            "padfree/audit/documents": float(len(docs.docs)),
-            "padfree/audit/boundary_targets_counted": float(docs.boundary_targets_counted),
-        }
-        self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items()})
-        logger.log_metrics(metrics)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if not _due(state, self.interval, batch_finished=True):  # the same batches on every rank
             return
+        totals, self._totals = self._totals, _BatchTotals()
         # Each microbatch's forward is checked; a problem of the batch shows once.
-        problems, self._batch_problems = list(dict.fromkeys(self._batch_problems)), []
+        problems = list(dict.fromkeys(totals.problems))
         with _ProbeClock.measure(state):
             per_rank, _ = _across_ranks(state, len(problems))
         failed_ranks = [r for r, n in enumerate(per_rank) if n]
@@ -467,7 +568,19 @@ class PadFreeAudit(Callback):
             "padfree/audit/checks_failed": float(sum(per_rank)),
             "padfree/audit/ranks_failed": float(len(failed_ranks)),
         }
-        self.summary["passed"] = metrics["padfree/audit/passed"]
+        if totals.forwards:  # none when this rank's batch was padding only
+            num_layers = _composer_model(state).config.num_hidden_layers
+            metrics |= {
+                "padfree/audit/forwards_audited": float(self.summary["forwards_audited"]),
+                "padfree/audit/unpad_calls": float(_worst(totals.unpad_calls, 1)),
+                "padfree/audit/varlen_layers": float(_worst(totals.varlen_layers, num_layers)),
+                "padfree/audit/num_layers": float(num_layers),
+                "padfree/audit/real_tokens": float(totals.real_tokens),
+                "padfree/audit/documents": float(totals.documents),
+                "padfree/audit/boundary_targets_counted": float(totals.boundary_targets_counted),
+                "padfree/audit/embedding_padded": float(totals.embedding_padded),
+            }
+        self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items() if not k.endswith("/checks_failed")})
         logger.log_metrics(metrics)
         _report("padfree_audit", problems, failed_ranks, self.strict)
 
@@ -489,8 +602,16 @@ def _check_forward(state: State, record: _ForwardRecord, docs: BatchDocs) -> tup
     if len(record.unpads) != 1:
         problems.append(f"the forward unpadded {len(record.unpads)} times; it must unpad exactly once")
     embed_shapes = [tuple(ids.shape) for ids in record.embed_inputs]
-    if embed_shapes != [(T,)]:
-        problems.append(f"the embedding saw inputs of shapes {embed_shapes}; expected one [T] = [{T}] call")
+    if record.embedding_note is not None and embed_shapes == [docs.shape]:
+        # A hooked or wrapped embedding, given stock Llama's `[B,S]` layout on purpose (reported,
+        # not failed): its real positions must hold the batch's real tokens.
+        ids_BS = record.embed_inputs[0].cpu().numpy()
+        if docs.token_ids is not None and not np.array_equal(
+            np.concatenate([ids_BS[d.row, d.start : d.end] for d in docs.docs]), docs.token_ids
+        ):
+            problems.append("the hooked embedding's [B, S] token ids are not the batch's at its real tokens")
+    elif embed_shapes != [(T,)]:
+        problems.append(f"the embedding computed on inputs of shapes {embed_shapes}; expected one [T] = [{T}] call")
     elif docs.token_ids is not None and not np.array_equal(record.embed_inputs[0].cpu().numpy(), docs.token_ids):
         problems.append("the embedding's [T] token ids are not the batch's real tokens in row-major order")
     layers_seen = [layer for layer, _ in record.layer_inputs]
@@ -544,10 +665,13 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
     The decoder-layer pre-hook hands the layer a `Backend` whose `attend` (and `attend_rope`, the
     entry the eager fused block calls) records its call and then runs the original kernel on the
     same arguments: outputs and gradients are unchanged. (Hooks on the layer also fire through
-    FSDP and activation-checkpointing wrappers.) The embedding's input is the token ids the
-    decoder's `forward_tokens` gets, seen by wrapping that method for the forward: a hook on the
-    `embed_tokens` module would make the model leave its fused tied-embedding path (`_plain`),
-    so the audit would no longer see the path it audits.
+    FSDP and activation-checkpointing wrappers.) The embedding's input is seen by wrapping the
+    decoder's `forward_tokens` for the forward. A plain `nn.Embedding` computes on the `[T]` ids
+    that method gets, which are recorded: a hook on it would make the model leave its plain and
+    fused tied-embedding paths (`modeling._plain`), so the audit would no longer see the path it
+    audits. An embedding that already has a hook or a wrapper is called by the model as a module
+    (on `[B,S]` ids): one more pre-hook, installed for that call, changes nothing and records the
+    ids it computes on, after the user's own pre-hooks.
 
     Layers compiled by `compile_layers` with a backend torch.compile traces run inside a compiled
     graph, where no hook fires and no Python wrapper may run without changing the graph: the
@@ -559,10 +683,20 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
     layers = [m for m in model.modules() if isinstance(m, modeling.PadFreeDecoderLayer)]
     decoders = [m for m in model.modules() if isinstance(m, modeling.PadFreeLlamaModel)]
 
-    def recording(forward_tokens: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def recording(decoder: modeling.PadFreeLlamaModel) -> Callable[..., Tensor]:
+        forward_tokens = decoder.forward_tokens
+
         def forward_tokens_recorded(input_ids_T: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            record.embed_inputs.append(input_ids_T.detach())
-            return forward_tokens(input_ids_T, *args, **kwargs)
+            embed = decoder.embed_tokens
+            if modeling._plain(embed, nn.Embedding):
+                record.embed_inputs.append(input_ids_T.detach())
+                return forward_tokens(input_ids_T, *args, **kwargs)
+            record.embedding_note = _embedding_note(embed)
+            handle = embed.register_forward_pre_hook(lambda m, inputs: record.embed_inputs.append(inputs[0].detach()))
+            try:
+                return forward_tokens(input_ids_T, *args, **kwargs)
+            finally:
+                handle.remove()
 
         return forward_tokens_recorded
 
@@ -634,7 +768,7 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
     handles = [layer.register_forward_pre_hook(on_layer) for layer in layers]
     try:
         for decoder in decoders:
-            decoder.forward_tokens = recording(decoder.forward_tokens)
+            decoder.forward_tokens = recording(decoder)
             decoder.attention_backend = recording_backend(decoder.attention_backend)
         for name, value in patched.items():
             setattr(modeling, name, value)
@@ -651,11 +785,31 @@ def _instrument(model: nn.Module, record: _ForwardRecord) -> Iterator[None]:
             h.remove()
 
 
+def _embedding_note(embed: nn.Module) -> str:
+    """Why the model calls this embedding as a module, on `[B,S]` ids, and what that means."""
+    hooks = nn.modules.module
+    kind = "nn.Embedding" if type(embed) is nn.Embedding else f"{type(embed).__name__} (not a plain nn.Embedding)"
+    reasons = []
+    if embed._forward_hooks or embed._forward_pre_hooks:
+        reasons.append(f"{len(embed._forward_hooks) + len(embed._forward_pre_hooks)} forward hook(s)")
+    if "forward" in vars(embed):
+        reasons.append("a replaced forward")
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        reasons.append("global module hooks")
+    with_reasons = f" with {', '.join(reasons)}" if reasons else ""
+    return (
+        f"the embedding ({kind}{with_reasons}) computed on stock Llama's re-padded [B, S] ids, which the model "
+        "gives a hooked or wrapped embedding on purpose (a hook such as NEFTune's may read the shape); reported, "
+        "not failed, and the layers after it are still audited on [T] tokens. Remove the hook or wrapper to embed "
+        "[T] ids."
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # padfree_isolation
 
 
-class PadFreeIsolation(Callback):
+class PadFreeIsolation(_RunState, Callback):
     """Perturb one document of a live batch; every other document's logits must not move.
 
     Args:
@@ -666,12 +820,15 @@ class PadFreeIsolation(Callback):
             probe holds two `[max_rows, S, V]` logit tensors.
 
     Raises:
-        ValueError: when constructed with an option of the wrong kind or out of range.
+        ValueError: when constructed with an unknown option, or one of the wrong kind or out of range.
         TypeError: at init, if the run's model is not `padfree_causal_lm`.
         PadFreeCheckError: with `strict`, when isolation fails.
     """
 
-    def __init__(self, interval: int = 500, strict: bool = False, atol: float = 0.0, max_rows: int = 2):
+    _run_flags = ("_warned_unpacked",)
+
+    def __init__(self, interval: int = 500, strict: bool = False, atol: float = 0.0, max_rows: int = 2, **unknown: Any):
+        _reject_unknown_options(unknown, "padfree_isolation", PadFreeIsolation)
         self.interval = _interval(interval, "padfree_isolation")
         self.strict = check_flag(strict, "padfree_isolation", "strict")
         self.atol = _tolerance(atol, "padfree_isolation", "atol")
@@ -757,7 +914,7 @@ def _max_abs_diff_per_token(a_BSV: Tensor, b_BSV: Tensor, positions: int = 1024)
 # padfree_parity
 
 
-class PadFreeParity(Callback):
+class PadFreeParity(_RunState, Callback):
     """Compare the model on a live batch with stock HF `LlamaForCausalLM` on the padded layout.
 
     The reference is stock HF with the model's current weights (gathered in full under FSDP) in
@@ -783,7 +940,7 @@ class PadFreeParity(Callback):
         logits_rtol: largest max|delta logits| / max|reference logits|; None: the same default.
 
     Raises:
-        ValueError: when constructed with an option of the wrong kind or out of range.
+        ValueError: when constructed with an unknown option, or one of the wrong kind or out of range.
         TypeError: at init, if the run's model is not `padfree_causal_lm`.
         ValueError: at a due batch without labels (strict or not: the setup cannot be compared).
         PadFreeCheckError: with `strict`, when parity fails.
@@ -796,7 +953,9 @@ class PadFreeParity(Callback):
         max_rows: int = 2,
         loss_atol: float | None = None,
         logits_rtol: float | None = None,
+        **unknown: Any,
     ):
+        _reject_unknown_options(unknown, "padfree_parity", PadFreeParity)
         self.interval = _interval(interval, "padfree_parity")
         self.strict = check_flag(strict, "padfree_parity", "strict")
         self.max_rows = _max_rows(max_rows, "padfree_parity")
@@ -817,7 +976,12 @@ class PadFreeParity(Callback):
     def _probe(self, state: State, logger: Logger) -> None:
         docs = read_batch(state.batch)
         if docs.targets_per_row is None:
-            raise ValueError("padfree_parity compares losses and needs batches with labels.")
+            keys = sorted(k for k, v in state.batch.items() if v is not None)
+            raise ValueError(
+                f"padfree_parity compares losses and needs batches with labels; this batch has only {keys}. "
+                "Use a train loader whose batches carry labels (padfree_text, padfree_finetuning, LLM-Foundry's "
+                "text and finetuning loaders do), or remove padfree_parity from `callbacks`."
+            )
         if not _every_rank_has_documents(state, docs):
             return
         rows, row_docs = _pick_rows(docs, self.max_rows)
@@ -1091,11 +1255,12 @@ class PadFreeStats(Callback):
         interval: measure every `interval`-th batch, from the first.
 
     Raises:
-        ValueError: when constructed with an option of the wrong kind or out of range.
+        ValueError: when constructed with an unknown option, or one of the wrong kind or out of range.
         TypeError: at init, if the run's model is not `padfree_causal_lm`.
     """
 
-    def __init__(self, interval: int = 10):
+    def __init__(self, interval: int = 10, **unknown: Any):
+        _reject_unknown_options(unknown, "padfree_stats", PadFreeStats)
         self.interval = _interval(interval, "padfree_stats")
         self.summary: dict[str, float] = {}
         self._start: float | None = None
@@ -1145,6 +1310,15 @@ class PadFreeStats(Callback):
 def _sync(state: State) -> None:
     if state.device.name == "gpu":
         torch.cuda.synchronize()
+
+
+# The registry names of the callbacks (setup.py's entry points), for errors that name the right one.
+_CALLBACKS: dict[str, type[Callback]] = {
+    "padfree_audit": PadFreeAudit,
+    "padfree_isolation": PadFreeIsolation,
+    "padfree_parity": PadFreeParity,
+    "padfree_stats": PadFreeStats,
+}
 
 
 __all__ = [

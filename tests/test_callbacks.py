@@ -64,11 +64,13 @@ def test_all_pass_on_padfree_training_with_microbatches(model_dir):
     # 2 batches x 2 microbatches: every training forward was audited, and each batch passed.
     assert logged(trainer, "padfree/audit/passed") == [1.0] * 2
     assert logged(trainer, "padfree/audit/checks_failed") == [0.0] * 2
-    assert logged(trainer, "padfree/audit/unpad_calls") == [1.0] * 4
-    assert logged(trainer, "padfree/audit/varlen_layers") == [2.0] * 4
-    # Microbatch 1 of batch 1 is rows 0-1: documents [5, 3, 7] and [4, 6].
-    assert logged(trainer, "padfree/audit/real_tokens")[0] == 25.0
-    assert logged(trainer, "padfree/audit/documents")[0] == 5.0
+    assert logged(trainer, "padfree/audit/forwards_audited") == [2.0, 4.0]
+    assert logged(trainer, "padfree/audit/unpad_calls") == [1.0] * 2
+    assert logged(trainer, "padfree/audit/varlen_layers") == [2.0] * 2
+    assert logged(trainer, "padfree/audit/embedding_padded") == [0.0] * 2
+    # Batch 1 is rows 0-3: documents [5, 3, 7], [4, 6], [16], [2, 2, 2, 9].
+    assert logged(trainer, "padfree/audit/real_tokens")[0] == 56.0
+    assert logged(trainer, "padfree/audit/documents")[0] == 10.0
     # The first document of row 0 (the busiest row of batch 1) was perturbed; nothing else moved.
     assert logged(trainer, "padfree/isolation/max_abs_diff_other_docs") == [0.0, 0.0]
     assert min(logged(trainer, "padfree/isolation/max_abs_diff_perturbed_doc")) > 0
@@ -192,9 +194,18 @@ def test_audit_fails_on_a_second_unpad(model_dir):
         fit(model, [PadFreeAudit(interval=1, strict=True)], batches=1)
 
 
-def test_audit_fails_when_the_embedding_gets_other_ids(model_dir, monkeypatch):
+@pytest.mark.parametrize(
+    ("hooked", "message"),
+    [
+        (False, r"the embedding's \[T\] token ids are not the batch's real tokens"),
+        (True, r"the hooked embedding's \[B, S\] token ids are not the batch's at its real tokens"),
+    ],
+    ids=["plain", "hooked"],
+)
+def test_audit_fails_when_the_embedding_gets_other_ids(model_dir, monkeypatch, hooked, message):
     # An unpad that gathered the wrong ids (here: the right ones, reversed) gives the embedding
-    # [T] ids of the right shape; the audit compares them with the batch's real tokens.
+    # [T] ids of the right shape (a hooked one: [B,S] ids with the wrong tokens at real
+    # positions); the audit compares them with the batch's real tokens.
     unpad = modeling.unpad
 
     def unpad_reversed(*args, **kwargs):
@@ -202,8 +213,74 @@ def test_audit_fails_when_the_embedding_gets_other_ids(model_dir, monkeypatch):
         return out._replace(input_ids_T=out.input_ids_T.flip(0))
 
     monkeypatch.setattr(modeling, "unpad", unpad_reversed)
-    with pytest.raises(PadFreeCheckError, match=r"the embedding's \[T\] token ids are not the batch's real tokens"):
-        fit(composer_model(model_dir), [PadFreeAudit(interval=1, strict=True)], batches=1)
+    model = composer_model(model_dir)
+    if hooked:
+        model.model.model.embed_tokens.register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(PadFreeCheckError, match=message):
+        fit(model, [PadFreeAudit(interval=1, strict=True)], batches=1)
+
+
+def test_audit_reports_a_hooked_embedding_computing_on_padded_ids(model_dir, caplog):
+    # HF Trainer's NEFTune hook scales its noise by the shape, so the model gives a hooked embedding
+    # stock Llama's [B,S] ids on purpose: a supported set-up, reported (not failed, even in strict
+    # mode) with what the embedding really computed on, instead of claiming [T].
+    from transformers.trainer_utils import neftune_post_forward_hook
+
+    model = composer_model(model_dir)
+    embed = model.model.model.embed_tokens
+    embed.neftune_noise_alpha = 5.0
+    embed.register_forward_hook(neftune_post_forward_hook)
+    seen = []
+    embed.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    audit = PadFreeAudit(interval=1, strict=True)
+    with caplog.at_level("WARNING", logger="foundry_padfree.callbacks"):
+        trainer = fit(model, [audit], batches=2, microbatch=2)
+    assert seen[:2] == [(2, SEQ_LEN)] * 2  # what the embedding computed on
+    assert logged(trainer, "padfree/audit/embedding_padded") == [1.0, 1.0]
+    assert logged(trainer, "padfree/audit/passed") == [1.0, 1.0]
+    assert logged(trainer, "padfree/audit/varlen_layers") == [2.0, 2.0]  # the layers still ran on [T]
+    assert (
+        "(nn.Embedding with 2 forward hook(s)) computed on stock Llama's re-padded [B, S] ids"
+        in (audit.summary["embedding_note"])
+    )
+    assert sum("re-padded [B, S] ids" in r.message for r in caplog.records) == 1  # once per run
+    assert len(embed._forward_hooks) == 1 and len(embed._forward_pre_hooks) == 1  # the audit's hook is gone
+
+
+def test_audit_logs_each_batch_once_over_its_microbatches(model_dir):
+    # Loggers keep one value per key and step: the batch's totals, not its last microbatch's.
+    trainer = fit(composer_model(model_dir), [PadFreeAudit(interval=1), PadFreeStats(interval=1)], batches=2)
+    assert logged(trainer, "padfree/audit/real_tokens") == logged(trainer, "padfree/stats/real_tokens") == [56, 50]
+    assert logged(trainer, "padfree/audit/documents") == [10.0, 8.0]  # rows 0-3, then rows 4-7
+    assert logged(trainer, "padfree/audit/forwards_audited") == [2.0, 4.0]
+
+
+def test_audit_logs_the_worst_forward_of_a_batch(model_dir):
+    # Only the second microbatch's forward unpads twice and re-derives layer 1's metadata: the
+    # batch's unpad_calls and varlen_layers are that forward's, and it fails.
+    model = composer_model(model_dir)
+    decoder = model.model.model
+    forward_tokens = decoder.forward_tokens
+    calls = []
+
+    def second_is_wrong(ids_T, meta, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            modeling.unpad(ids_T[None])
+        return forward_tokens(ids_T, meta, *args)
+
+    def new_metadata(module, args):
+        if len(calls) == 2:
+            return (args[0], args[1]._replace(cu_seqlens_N1=args[1].cu_seqlens_N1.clone()), *args[2:])
+        return None
+
+    decoder.forward_tokens = second_is_wrong
+    decoder.layers[1].register_forward_pre_hook(new_metadata)
+    trainer = fit(model, [PadFreeAudit(interval=1)], batches=1, microbatch=2)
+    assert logged(trainer, "padfree/audit/unpad_calls") == [2.0]
+    assert logged(trainer, "padfree/audit/varlen_layers") == [1.0]
+    assert logged(trainer, "padfree/audit/passed") == [0.0]
+    assert cb._worst([1, 0, 2], 1) == 2 and cb._worst([2, 1, 3], 2) == 3 and cb._worst([2, 2], 2) == 2
 
 
 def _unpad_with_meta(monkeypatch, change) -> None:
@@ -579,7 +656,7 @@ def test_microbatches_of_padding_only_train_and_pass_the_checks(model_dir):
     losses = logged(trainer, "loss/train/total")
     assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
     assert logged(trainer, "padfree/audit/passed") == [1.0, 1.0]
-    assert logged(trainer, "padfree/audit/forwards_audited") == [1.0, 2.0, 3.0]  # not the padding-only one
+    assert logged(trainer, "padfree/audit/forwards_audited") == [1.0, 3.0]  # not the padding-only microbatch
 
     model = composer_model(model_dir)
     batch = collate([packed_row([], seed=0), packed_row([], seed=1)])
@@ -600,7 +677,11 @@ def test_non_padfree_model_is_refused_at_init(tmp_path):
     from tests.conftest import tiny_config
 
     stock = HuggingFaceModel(LlamaForCausalLM(tiny_config().to_llama_config()), use_logits=True)
-    with pytest.raises(TypeError, match=r"padfree_audit verifies padfree_causal_lm models; this run's model is"):
+    with pytest.raises(
+        TypeError,
+        match=r"padfree_audit verifies padfree_causal_lm models; this run's model is HuggingFaceModel\. Set "
+        r"`model\.name: padfree_causal_lm`, or remove padfree_audit from `callbacks`",
+    ):
         Trainer(model=stock, callbacks=[PadFreeAudit()])
 
 
@@ -655,7 +736,7 @@ def test_audit_passes_llm_foundrys_own_text_collator(model_dir):
                       progress_bar=False, log_to_console=False, seed=0)  # fmt: skip
     trainer.fit()
     assert logged(trainer, "padfree/audit/passed") == [1.0, 1.0]
-    assert logged(trainer, "padfree/audit/boundary_targets_counted")[:2] == [4.0, 4.0]  # per microbatch
+    assert logged(trainer, "padfree/audit/boundary_targets_counted") == [8.0, 8.0]  # over both microbatches
 
     off = dict(batch, loss_generating_tokens=[n + 1 for n in batch["loss_generating_tokens"]])
     assert read_batch(off).problems == [
@@ -706,5 +787,75 @@ def test_failed_probes_are_counted_and_a_batchs_problem_shows_once(model_dir, mo
 
     monkeypatch.setattr(cb, "_check_forward", lambda state, record, docs: (["the same problem"], 2))
     trainer = fit(composer_model(model_dir), [PadFreeAudit(interval=1)], batches=1, microbatch=2)
-    assert logged(trainer, "padfree/audit/forwards_audited") == [1.0, 2.0]  # two microbatches
+    assert logged(trainer, "padfree/audit/forwards_audited") == [2.0]  # two microbatches
     assert logged(trainer, "padfree/audit/checks_failed") == [1.0]
+
+
+def test_run_counters_carry_over_a_resumed_run(model_dir, tmp_path, monkeypatch, caplog):
+    # Checks that fail on every batch (claimed padding tokens; documents that see earlier rows),
+    # on rows of one document each (isolation warns once per run that nothing was packed): a run
+    # resumed after 2 batches must end with the counts of an uninterrupted 4-batch run.
+    original = cb.read_batch
+    monkeypatch.setattr(cb, "read_batch", lambda b: original(dict(b, total_tokens=[SEQ_LEN] * len(b["total_tokens"]))))
+    monkeypatch.setitem(BACKENDS, "sdpa", Backend("sdpa", leaky_attend))
+    rows = [[14], [12], [9], [16]] * 2
+
+    def run(batches, **kwargs):
+        callbacks = [PadFreeAudit(interval=1), PadFreeIsolation(interval=1), PadFreeParity(interval=1)]
+        with caplog.at_level("WARNING", logger="foundry_padfree.callbacks"):
+            caplog.clear()
+            trainer = fit(composer_model(model_dir), callbacks, batches=batches, rows=rows, **kwargs)
+        warned = sum("no row of the probed batch holds two documents" in r.message for r in caplog.records)
+        return trainer, callbacks, warned
+
+    counters = ("forwards_audited", "checks_failed", "probes", "probes_failed")
+    whole, whole_callbacks, warned_whole = run(4)
+    _, _, warned_first = run(2, save_folder=str(tmp_path), save_interval="1ba")
+    resumed, resumed_callbacks, warned_resumed = run(4, load_path=str(tmp_path / "ep0-ba2-rank0.pt"))
+    assert int(resumed.state.timestamp.batch) == 4
+    for a, b in zip(resumed_callbacks, whole_callbacks):
+        assert {k: a.summary[k] for k in counters if k in a.summary} == {
+            k: b.summary[k] for k in counters if k in b.summary
+        }
+    assert [c.summary.get("probes", c.summary.get("forwards_audited")) for c in whole_callbacks] == [8, 4, 4]
+    assert logged(whole, "padfree/audit/forwards_audited") == [2.0, 4.0, 6.0, 8.0]
+    assert logged(resumed, "padfree/audit/forwards_audited") == [6.0, 8.0]
+    assert logged(resumed, "padfree/audit/checks_failed") == [2.0, 2.0]  # a problem in each microbatch
+    assert (warned_whole, warned_first, warned_resumed) == (1, 1, 0)
+    # A checkpoint from before the callbacks had state: the counts start at 0.
+    fresh = PadFreeAudit()
+    fresh.load_state_dict({})
+    assert fresh.summary == {"forwards_audited": 0, "checks_failed": 0}
+
+
+def test_unknown_options_name_the_closest_one_and_the_callbacks_that_take_it():
+    from llmfoundry.utils.builders import build_callback
+
+    with pytest.raises(
+        ValueError,
+        match=r"unknown option\(s\) for padfree_stats: strict: an option of padfree_audit, padfree_isolation, "
+        r"padfree_parity, not of padfree_stats\. padfree_stats takes interval; rename or remove the others\.",
+    ):
+        build_callback("padfree_stats", {"interval": 5, "strict": True})
+    with pytest.raises(
+        ValueError, match=r"for padfree_audit: atol: an option of padfree_isolation, not of padfree_audit"
+    ):
+        PadFreeAudit(atol=0.0)
+    with pytest.raises(ValueError, match=r"max_row: did you mean 'max_rows'\?; stric: did you mean 'strict'\?"):
+        PadFreeParity(max_row=2, stric=True)
+    with pytest.raises(
+        ValueError, match=r"colour: not an option of padfree_isolation\. padfree_isolation takes interval, strict, "
+        r"atol, max_rows;"
+    ):  # fmt: skip
+        PadFreeIsolation(colour="red")
+
+
+def test_parity_without_labels_names_the_batch_keys_and_the_fix():
+    batch = {k: v for k, v in packed_batch().items() if k != "labels"}
+    with pytest.raises(
+        ValueError,
+        match=r"needs batches with labels; this batch has only \['attention_mask', 'input_ids', "
+        r"'loss_generating_tokens', 'sequence_id', 'total_tokens'\]\. Use a train loader whose batches carry "
+        r"labels .*, or remove padfree_parity from `callbacks`",
+    ):
+        PadFreeParity()._probe(types.SimpleNamespace(batch=batch), logger=None)
