@@ -580,7 +580,9 @@ class PadFreeAudit(_RunState, Callback):
                 "padfree/audit/boundary_targets_counted": float(totals.boundary_targets_counted),
                 "padfree/audit/embedding_padded": float(totals.embedding_padded),
             }
-        self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items() if not k.endswith("/checks_failed")})
+        # The run-long counts stay the summary's own (ints, saved in checkpoints); the rest is this batch's.
+        run_long = ("/checks_failed", "/forwards_audited")
+        self.summary.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items() if not k.endswith(run_long)})
         logger.log_metrics(metrics)
         _report("padfree_audit", problems, failed_ranks, self.strict)
 

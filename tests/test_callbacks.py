@@ -60,11 +60,14 @@ def test_registered_by_name():
 
 
 def test_all_pass_on_padfree_training_with_microbatches(model_dir):
-    trainer = fit(composer_model(model_dir), all_callbacks(), batches=2, microbatch=2)
+    callbacks = all_callbacks()
+    audit = callbacks[0]
+    trainer = fit(composer_model(model_dir), callbacks, batches=2, microbatch=2)
     # 2 batches x 2 microbatches: every training forward was audited, and each batch passed.
     assert logged(trainer, "padfree/audit/passed") == [1.0] * 2
     assert logged(trainer, "padfree/audit/checks_failed") == [0.0] * 2
     assert logged(trainer, "padfree/audit/forwards_audited") == [2.0, 4.0]
+    assert audit.summary["forwards_audited"] == 4 and isinstance(audit.summary["forwards_audited"], int)
     assert logged(trainer, "padfree/audit/unpad_calls") == [1.0] * 2
     assert logged(trainer, "padfree/audit/varlen_layers") == [2.0] * 2
     assert logged(trainer, "padfree/audit/embedding_padded") == [0.0] * 2
