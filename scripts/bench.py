@@ -620,12 +620,12 @@ def run_system(
         # The explicit-mask stand-in below builds a dense T x T mask on the host inside every timed
         # step, and isolates documents even for hf_padfree_cache: a CPU test path, not a measurement.
         return dict(status="not run: needs transformers >= 4.54 (a child process with --hf-padfree-pythonpath)")
+    if system == "hf_padfree_flex" and not _packed_sdpa_native():  # no explicit-mask stand-in for flex
+        return dict(status="not run: needs transformers >= 4.54 (its flex attention reads packed position_ids)")
     if system.startswith("hf_"):
         import transformers
 
         info["transformers"] = transformers.__version__
-        if system == "hf_padfree_flex" and not _packed_sdpa_native():
-            return dict(status="not run: needs transformers >= 4.54 (its flex attention reads packed position_ids)")
         model = hf_model(shape, device, dtype, system)
         if system.startswith("hf_padfree") and not _packed_sdpa_native():
             info["mask"] = "explicit 4D block-diagonal mask (transformers < 4.54)"
