@@ -268,12 +268,13 @@ def _options(cls: type[Callback]) -> list[str]:
     return [p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
 
 
-def _reject_unknown_options(unknown: Mapping[str, Any], name: str, cls: type[Callback]) -> None:
-    """A ValueError naming each of `unknown`, the closest option `name` takes, and the callbacks
-    that do take it: LLM-Foundry's `build_callback` passes a YAML section as keyword arguments, so
-    without this a misplaced option (`strict` on `padfree_stats`) is a bare TypeError."""
+def _reject_unknown_options(unknown: Mapping[str, Any], cls: type[Callback]) -> None:
+    """A ValueError naming each of `unknown`, the closest option callback `cls` takes, and the
+    callbacks that do take it: LLM-Foundry's `build_callback` passes a YAML section as keyword
+    arguments, so without this a misplaced option (`strict` on `padfree_stats`) is a bare TypeError."""
     if not unknown:
         return
+    name = next(n for n, c in _CALLBACKS.items() if c is cls)
     known = _options(cls)
     problems = []
     for option in sorted(unknown):
@@ -496,7 +497,7 @@ class PadFreeAudit(_RunState, Callback):
     _run_flags = ("_warned_padded_embedding",)
 
     def __init__(self, interval: int = 100, strict: bool = False, **unknown: Any):
-        _reject_unknown_options(unknown, "padfree_audit", PadFreeAudit)
+        _reject_unknown_options(unknown, PadFreeAudit)
         self.interval = _interval(interval, "padfree_audit")
         self.strict = check_flag(strict, "padfree_audit", "strict")
         self.summary: dict[str, Any] = {"forwards_audited": 0, "checks_failed": 0}
@@ -830,7 +831,7 @@ class PadFreeIsolation(_RunState, Callback):
     _run_flags = ("_warned_unpacked",)
 
     def __init__(self, interval: int = 500, strict: bool = False, atol: float = 0.0, max_rows: int = 2, **unknown: Any):
-        _reject_unknown_options(unknown, "padfree_isolation", PadFreeIsolation)
+        _reject_unknown_options(unknown, PadFreeIsolation)
         self.interval = _interval(interval, "padfree_isolation")
         self.strict = check_flag(strict, "padfree_isolation", "strict")
         self.atol = _tolerance(atol, "padfree_isolation", "atol")
@@ -957,7 +958,7 @@ class PadFreeParity(_RunState, Callback):
         logits_rtol: float | None = None,
         **unknown: Any,
     ):
-        _reject_unknown_options(unknown, "padfree_parity", PadFreeParity)
+        _reject_unknown_options(unknown, PadFreeParity)
         self.interval = _interval(interval, "padfree_parity")
         self.strict = check_flag(strict, "padfree_parity", "strict")
         self.max_rows = _max_rows(max_rows, "padfree_parity")
@@ -1262,7 +1263,7 @@ class PadFreeStats(Callback):
     """
 
     def __init__(self, interval: int = 10, **unknown: Any):
-        _reject_unknown_options(unknown, "padfree_stats", PadFreeStats)
+        _reject_unknown_options(unknown, PadFreeStats)
         self.interval = _interval(interval, "padfree_stats")
         self.summary: dict[str, float] = {}
         self._start: float | None = None
